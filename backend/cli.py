@@ -1,0 +1,161 @@
+"""`qwen-stack`: the command line.
+
+    qwen-stack up [--model PATH|tiny]      the whole system on one machine
+    qwen-stack engine [--model PATH|tiny]  only the llama.cpp engine (foreground)
+    qwen-stack ui                          only the chat UI (needs database and Redis URLs)
+    qwen-stack migrate                     apply database migrations
+    qwen-stack user add NAME [--role R]    add a login (password read from stdin or prompted)
+    qwen-stack dev tiny-model DIR          write a tiny random-weight Qwen2 GGUF
+
+Errors from the backend are printed as one line saying what to do next; exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from backend.config import Settings
+from backend.errors import QwenStackError
+
+logger = logging.getLogger("qwen_stack")
+
+
+def _with_model(settings: Settings, model: str | None) -> Settings:
+    """Apply `--model`: a GGUF path, or `tiny` for the generated test model."""
+    if not model:
+        return settings
+    if model == "tiny":
+        from backend.devtools.tiny_model import build_tiny_model
+
+        path = build_tiny_model(settings.state_dir / "models")
+    else:
+        path = Path(model).expanduser().resolve()
+    engine = settings.engine.model_copy(update={"model": path})
+    return settings.model_copy(update={"engine": engine})
+
+
+def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from backend import stack
+
+    return asyncio.run(stack.run(_with_model(settings, args.model), out=sys.stdout))
+
+
+def _cmd_engine(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.serving.launcher import engine_command
+    from backend.serving.models import resolve_model
+
+    settings = _with_model(settings, args.model)
+    argv = engine_command(settings, resolve_model(settings, progress=True))
+    sys.stdout.flush()
+    os.execv(argv[0], argv)  # noqa: S606 - replace this process with the engine
+
+
+def _cmd_ui(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from chat_ui.server import create_app
+
+    uvicorn.run(
+        create_app(settings), host=settings.ui.host, port=settings.ui.port,
+        timeout_graceful_shutdown=15, log_level="warning",
+    )  # fmt: skip
+    return 0
+
+
+def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.db import migrate
+    from backend.embedded import EmbeddedServices
+
+    with EmbeddedServices(settings) as urls:
+        applied = asyncio.run(migrate(urls.database_url))
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def _cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.auth import Role, UserStore
+    from backend.db import migrate, open_pool
+    from backend.embedded import EmbeddedServices
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+
+    async def add(url: str) -> None:
+        await migrate(url)
+        pool = await open_pool(url, min_size=1, max_size=1)
+        try:
+            user = await UserStore(pool).create(args.name, password, role=Role(args.role))
+        finally:
+            await pool.close()
+        print(f"added {user.identifier} ({user.role})")
+
+    with EmbeddedServices(settings) as urls:
+        asyncio.run(add(urls.database_url))
+    return 0
+
+
+def _cmd_tiny_model(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.devtools.tiny_model import build_tiny_model
+
+    print(build_tiny_model(Path(args.dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-stack", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole system on this machine")
+    up.add_argument("--model", help="GGUF path, or 'tiny' for a generated test model")
+    up.set_defaults(func=_cmd_up)
+
+    engine = sub.add_parser("engine", help="run the llama.cpp engine in the foreground")
+    engine.add_argument("--model", help="GGUF path, or 'tiny' for a generated test model")
+    engine.set_defaults(func=_cmd_engine)
+
+    sub.add_parser("ui", help="run the chat UI").set_defaults(func=_cmd_ui)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_cmd_migrate)
+
+    user = sub.add_parser("user", help="manage logins").add_subparsers(dest="action", required=True)
+    add = user.add_parser("add", help="add a login; the password is read from stdin or prompted")
+    add.add_argument("name")
+    add.add_argument("--role", choices=["user", "kb_admin", "admin"], default="user")
+    add.set_defaults(func=_cmd_user_add)
+
+    dev = sub.add_parser("dev", help="developer tools").add_subparsers(dest="tool", required=True)
+    tiny = dev.add_parser("tiny-model", help="write a tiny random-weight Qwen2 GGUF into DIR")
+    tiny.add_argument("dir")
+    tiny.set_defaults(func=_cmd_tiny_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        code: int = args.func(settings, args)
+    except QwenStackError as exc:
+        print(f"qwen-stack: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # settings validation (e.g. production with dev secrets)
+        print(f"qwen-stack: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

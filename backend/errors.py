@@ -1,0 +1,100 @@
+"""The one error tree.
+
+    QwenStackError                  base; `user_message` is safe to show (no paths, DSNs, tracebacks)
+    ├── ConfigError                 settings are missing or inconsistent
+    ├── ServiceError                an embedded or external service could not be started or reached
+    │   ├── DatabaseUnavailable
+    │   └── RedisUnavailable
+    ├── ModelError                  a model file could not be found, downloaded or built
+    │   └── ModelDownloadError      offline, or the hub refused; says how to use a local file
+    ├── EngineError                 the LLM engine failed a request
+    │   ├── EngineUnavailable       could not connect, or the engine answered 5xx
+    │   │   └── EngineRestarting    ... and the supervisor says it is being restarted
+    │   ├── EngineTimeout           connect / first-token / inter-token / total budget ran out
+    │   │                           (`phase` tells which)
+    │   └── EngineRejected          the engine refused the request (4xx): too long, bad parameters
+    └── AuthError                   bad credentials or a forbidden action
+        └── UserExists
+
+Only `chat_ui/`, HTTP handlers and the CLI turn these into messages.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class QwenStackError(Exception):
+    user_message = "服务出现问题，请稍后再试。"
+
+
+class ConfigError(QwenStackError):
+    user_message = "服务配置有误，请联系管理员。"
+
+
+class ServiceError(QwenStackError):
+    user_message = "后台服务暂时不可用，请稍后再试。"
+
+
+class DatabaseUnavailable(ServiceError):
+    user_message = "数据库暂时不可用，请稍后再试。"
+
+
+class RedisUnavailable(ServiceError):
+    user_message = "会话存储（Redis）暂时不可用，请稍后重试。"
+
+
+class ModelError(QwenStackError):
+    user_message = "模型文件不可用。"
+
+
+class ModelDownloadError(ModelError):
+    pass
+
+
+class EngineError(QwenStackError):
+    user_message = "模型服务出错，请稍后再试。"
+
+
+class EngineUnavailable(EngineError):
+    user_message = "模型服务暂时不可用（可能正在启动或重启），请稍后再试。"
+
+
+class TimeoutPhase(enum.StrEnum):
+    CONNECT = "connect"
+    FIRST_TOKEN = "first_token"
+    INTER_TOKEN = "inter_token"
+    TOTAL = "total"
+
+
+class EngineTimeout(EngineError):
+    def __init__(self, phase: TimeoutPhase, seconds: float) -> None:
+        super().__init__(f"engine {phase} timeout after {seconds:g}s")
+        self.phase = phase
+        self.seconds = seconds
+
+    @property
+    def user_message(self) -> str:  # type: ignore[override]
+        if self.phase is TimeoutPhase.CONNECT:
+            return "无法连接模型服务，请稍后再试。"
+        if self.phase is TimeoutPhase.FIRST_TOKEN:
+            return "模型响应超时（迟迟没有开始回答），请稍后再试或缩短问题。"
+        if self.phase is TimeoutPhase.INTER_TOKEN:
+            return "模型回答中途停顿过久，已中止，请重试。"
+        return "回答时间过长，已中止，请重试或缩短问题。"
+
+
+class EngineRejected(EngineError):
+    user_message = "模型服务拒绝了这个请求（可能内容过长），请缩短后重试。"
+
+
+class AuthError(QwenStackError):
+    user_message = "用户名或密码错误。"
+
+
+class UserExists(AuthError):
+    user_message = "该用户已存在。"
+
+
+class EngineRestarting(EngineUnavailable):
+    user_message = "模型服务正在重启，请稍候几秒后重试。"

@@ -1,0 +1,145 @@
+"""`qwen-stack up`: the whole system on one machine.
+
+Starts embedded PostgreSQL and Redis (or uses the configured URLs), applies migrations, makes sure
+the admin login exists, then supervises the engine (unless an external LLM URL is configured) and
+the chat UI as child processes until SIGINT/SIGTERM, when everything stops in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import redis.asyncio as aioredis
+
+from backend.auth import Role, UserStore
+from backend.config import Mode, Settings, child_env
+from backend.db import migrate, open_pool
+from backend.embedded import EmbeddedServices
+from backend.serving.launcher import engine_base_url, engine_command
+from backend.serving.models import resolve_model
+from backend.serving.status import StatusBoard
+from backend.supervisor import ChildSpec, Supervisor
+
+ENGINE = "engine"
+UI = "ui"
+ENGINE_READY_TIMEOUT_S = 600.0
+UI_READY_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """What `up` will run: the child processes and where the user finds the UI."""
+
+    children: tuple[ChildSpec, ...]
+    ui_url: str
+
+
+def ui_command(settings: Settings) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "chat_ui.server:create_app", "--factory",
+        "--host", settings.ui.host, "--port", str(settings.ui.port),
+        "--timeout-graceful-shutdown", "15", "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def plan(settings: Settings, *, env: dict[str, str], model: Path | None) -> StackPlan:
+    """The children for these settings; `model` is None when an external engine is configured."""
+    logs = settings.run_dir / "logs"
+    host = "127.0.0.1" if settings.ui.host in {"0.0.0.0", ""} else settings.ui.host  # noqa: S104
+    ui_url = f"http://{host}:{settings.ui.port}"
+    children = []
+    if model is not None:
+        children.append(
+            ChildSpec(
+                name=ENGINE, argv=engine_command(settings, model), env=env,
+                log_path=logs / "engine.log", ready_url=engine_base_url(settings) + "/models",
+            )
+        )
+    children.append(
+        ChildSpec(
+            name=UI, argv=ui_command(settings), env=env, log_path=logs / "ui.log",
+            cwd=Path(__file__).resolve().parent.parent, ready_url=ui_url + "/healthz",
+        )
+    )
+    return StackPlan(children=tuple(children), ui_url=ui_url)
+
+
+async def ensure_admin(database_url: str, settings: Settings) -> None:
+    pool = await open_pool(database_url, min_size=1, max_size=2)
+    try:
+        await UserStore(pool).ensure(
+            settings.ui.admin_user,
+            settings.ui.admin_password.get_secret_value(),
+            role=Role.ADMIN,
+        )
+    finally:
+        await pool.close()
+
+
+async def run(settings: Settings, *, out: TextIO) -> int:
+    """Run until a stop signal; returns the exit code. Raises QwenStackError on start-up failure."""
+    started = time.monotonic()
+    # Resolve the model first: offline without a local file this fails in seconds, before anything
+    # else has been started.
+    model = None if settings.llm.base_url else await asyncio.to_thread(
+        resolve_model, settings, progress=True
+    )
+    services = EmbeddedServices(settings)
+    urls = await asyncio.to_thread(services.start)
+    redis = aioredis.from_url(urls.redis_url)
+    supervisor: Supervisor | None = None
+    try:
+        await migrate(urls.database_url)
+        await ensure_admin(urls.database_url, settings)
+        stack = plan(settings, env=child_env(urls.env()), model=model)
+        supervisor = Supervisor(stack.children, status=StatusBoard(redis))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await supervisor.start()
+        out.write("starting… (logs in %s)\n" % (settings.run_dir / "logs"))
+        out.flush()
+        if not await _wait_all(supervisor, stack, stop):
+            out.write("a process did not become ready; see the logs above\n")
+            return 1
+        out.write(f"\nqwen-stack is up in {time.monotonic() - started:.1f}s: {stack.ui_url}\n")
+        if settings.mode is Mode.DEV:
+            out.write(
+                f"dev login: {settings.ui.admin_user} / "
+                f"{settings.ui.admin_password.get_secret_value()}\n"
+            )
+        out.write("Ctrl-C stops everything.\n")
+        out.flush()
+        await stop.wait()
+        out.write("stopping…\n")
+        out.flush()
+        return 0
+    finally:
+        if supervisor is not None:
+            await supervisor.stop()
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+        await asyncio.to_thread(services.stop)
+
+
+async def _wait_all(supervisor: Supervisor, stack: StackPlan, stop: asyncio.Event) -> bool:
+    for child in stack.children:
+        timeout = ENGINE_READY_TIMEOUT_S if child.name == ENGINE else UI_READY_TIMEOUT_S
+        waiter = asyncio.create_task(supervisor.wait_running(child.name, timeout_s=timeout))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if stopper in done:
+            waiter.cancel()
+            return True  # the user asked to stop while starting: stop quietly
+        if not waiter.result():
+            return False
+    return True

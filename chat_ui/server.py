@@ -1,0 +1,80 @@
+"""The chat_ui ASGI app: Chainlit mounted at /chat, plus health routes, with an explicit lifespan.
+
+Run with `uvicorn chat_ui.server:create_app --factory` (`qwen-stack ui` does this). Mounted apps'
+lifespans do not run, so everything Chainlit's handlers need is built here and bound to
+`chat_ui.runtime` before the first request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from backend.config import Settings, export_chainlit_env
+from chat_ui import runtime as runtime_module
+from chat_ui.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+CHAT_PATH = "/chat"
+APP_ROOT = Path(__file__).resolve().parent.parent  # holds .chainlit/ and chainlit*.md
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    export_chainlit_env(settings, app_root=APP_ROOT)
+
+    # Chainlit reads its config at import, so it is imported only after the environment is set.
+    from chainlit.config import config as chainlit_config
+    from chainlit.utils import mount_chainlit
+
+    chainlit_config.project.allow_origins = list(settings.ui.allow_origins)
+    chainlit_config.ui.language = None if settings.ui.language == "auto" else settings.ui.language
+    chainlit_config.run.headless = True
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = await Runtime.start(settings)
+        runtime_module.bind(rt)
+        logger.info("chat_ui ready")
+        try:
+            yield
+        finally:
+            runtime_module.bind(None)
+            await rt.aclose()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse(CHAT_PATH + "/")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        rt = runtime_module.current()
+        checks: dict[str, str] = {}
+        try:
+            await rt.redis.ping()
+            checks["redis"] = "ok"
+        except Exception:
+            checks["redis"] = "down"
+        try:
+            async with rt.pool.connection() as conn:
+                await conn.execute("SELECT 1")
+            checks["database"] = "ok"
+        except Exception:
+            checks["database"] = "down"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse(checks, status_code=200 if ok else 503)
+
+    mount_chainlit(app, target=str(APP_ROOT / "chat_ui" / "app.py"), path=CHAT_PATH)
+    return app

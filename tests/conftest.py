@@ -1,0 +1,7 @@
+"""Shared fixtures live in tests/fixtures/, one module per kind of service."""
+
+pytest_plugins = [
+    "tests.fixtures.services",
+    "tests.fixtures.models",
+    "tests.fixtures.engines",
+]

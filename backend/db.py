@@ -32,11 +32,14 @@ async def migrate(url: str) -> list[str]:
     applied_now: list[str] = []
     try:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
+            # Under the lock too: concurrent IF NOT EXISTS creations race on the catalogs.
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
             for version, sql in migration_files():
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
@@ -51,7 +54,9 @@ async def migrate(url: str) -> list[str]:
                     )
                     applied_now.append(version)
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {exc.sqlstate or 'connect failed'}") from exc
+        raise DatabaseUnavailable(
+            f"cannot reach PostgreSQL: {exc.sqlstate or 'connect failed'}"
+        ) from exc
     if applied_now:
         logger.info("applied migrations %s", ", ".join(applied_now))
     return applied_now
@@ -59,8 +64,9 @@ async def migrate(url: str) -> list[str]:
 
 async def open_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool:
     """An open pool; the caller closes it at shutdown. Raises DatabaseUnavailable."""
-    pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
-                               kwargs={"autocommit": True})
+    pool = AsyncConnectionPool(
+        url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
+    )
     try:
         await pool.open(wait=True, timeout=15)
     except Exception as exc:

@@ -58,14 +58,21 @@ def plan(settings: Settings, *, env: dict[str, str], model: Path | None) -> Stac
     if model is not None:
         children.append(
             ChildSpec(
-                name=ENGINE, argv=engine_command(settings, model), env=env,
-                log_path=logs / "engine.log", ready_url=engine_base_url(settings) + "/models",
+                name=ENGINE,
+                argv=engine_command(settings, model),
+                env=env,
+                log_path=logs / "engine.log",
+                ready_url=engine_base_url(settings) + "/models",
             )
         )
     children.append(
         ChildSpec(
-            name=UI, argv=ui_command(settings), env=env, log_path=logs / "ui.log",
-            cwd=Path(__file__).resolve().parent.parent, ready_url=ui_url + "/healthz",
+            name=UI,
+            argv=ui_command(settings),
+            env=env,
+            log_path=logs / "ui.log",
+            cwd=Path(__file__).resolve().parent.parent,
+            ready_url=ui_url + "/healthz",
         )
     )
     return StackPlan(children=tuple(children), ui_url=ui_url)
@@ -88,8 +95,10 @@ async def run(settings: Settings, *, out: TextIO) -> int:
     started = time.monotonic()
     # Resolve the model first: offline without a local file this fails in seconds, before anything
     # else has been started.
-    model = None if settings.llm.base_url else await asyncio.to_thread(
-        resolve_model, settings, progress=True
+    model = (
+        None
+        if settings.llm.base_url
+        else await asyncio.to_thread(resolve_model, settings, progress=True)
     )
     services = EmbeddedServices(settings)
     urls = await asyncio.to_thread(services.start)

@@ -142,7 +142,11 @@ class Supervisor:
             delay = self._backoff.delay(child.failures)
             logger.warning(
                 "%s exited with %s after %.1fs; restarting in %.1fs (see %s)",
-                child.spec.name, code, ran_s, delay, child.spec.log_path,
+                child.spec.name,
+                code,
+                ran_s,
+                delay,
+                child.spec.log_path,
             )
             await self._publish(child, ProcessState.RESTARTING, retry_in_s=delay)
             await asyncio.sleep(delay)
@@ -159,8 +163,11 @@ class Supervisor:
         try:
             await self._status.publish(
                 ProcessStatus(
-                    name=child.spec.name, state=state, restarts=child.restarts,
-                    since=time.time(), retry_in_s=retry_in_s,
+                    name=child.spec.name,
+                    state=state,
+                    restarts=child.restarts,
+                    since=time.time(),
+                    retry_in_s=retry_in_s,
                 )
             )
         except Exception:  # status is advisory; never let it take the supervisor down
@@ -183,7 +190,9 @@ class Supervisor:
             try:
                 await asyncio.wait_for(process.wait(), self._grace_s)
             except TimeoutError:
-                logger.warning("%s did not stop in %.0fs; killing it", child.spec.name, self._grace_s)
+                logger.warning(
+                    "%s did not stop in %.0fs; killing it", child.spec.name, self._grace_s
+                )
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 await process.wait()

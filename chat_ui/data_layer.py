@@ -30,8 +30,21 @@ from backend.auth import UserStore
 
 logger = logging.getLogger(__name__)
 
-_STEP_COLUMNS = {"id", "threadId", "parentId", "name", "type", "input", "output", "isError",
-                 "metadata", "start", "end", "createdAt", "feedback"}
+_STEP_COLUMNS = {
+    "id",
+    "threadId",
+    "parentId",
+    "name",
+    "type",
+    "input",
+    "output",
+    "isError",
+    "metadata",
+    "start",
+    "end",
+    "createdAt",
+    "feedback",
+}
 
 _THREAD_SQL = """
 SELECT t.id, t.name, t.tags, t.metadata, t.created_at, t.user_id, u.identifier
@@ -58,8 +71,9 @@ class PostgresDataLayer(BaseDataLayer):  # type: ignore[misc]
             row = await cur.fetchone()
         if row is None:
             return None
-        return PersistedUser(id=str(row[0]), identifier=row[1], createdAt=_iso(row[3]),
-                             metadata={"role": row[2]})
+        return PersistedUser(
+            id=str(row[0]), identifier=row[1], createdAt=_iso(row[3]), metadata={"role": row[2]}
+        )
 
     async def create_user(self, user: User) -> PersistedUser | None:
         """Users are created by the CLI or SSO provisioning, never implicitly at login."""
@@ -136,8 +150,10 @@ class PostgresDataLayer(BaseDataLayer):  # type: ignore[misc]
     ) -> PaginatedResponse[ThreadDict]:
         if not filters.userId:
             return PaginatedResponse(PageInfo(False, None, None), [])
-        clauses = ["t.user_id = %(user_id)s::uuid",
-                   "EXISTS (SELECT 1 FROM steps s WHERE s.thread_id = t.id)"]
+        clauses = [
+            "t.user_id = %(user_id)s::uuid",
+            "EXISTS (SELECT 1 FROM steps s WHERE s.thread_id = t.id)",
+        ]
         params: dict[str, Any] = {"user_id": filters.userId, "limit": pagination.first + 1}
         if filters.search:
             clauses.append("t.name ILIKE %(search)s")
@@ -147,8 +163,12 @@ class PostgresDataLayer(BaseDataLayer):  # type: ignore[misc]
                 "(t.updated_at, t.id) < (SELECT updated_at, id FROM threads WHERE id = %(cursor)s)"
             )
             params["cursor"] = pagination.cursor
-        sql = (_THREAD_SQL + " WHERE " + " AND ".join(clauses)
-               + " ORDER BY t.updated_at DESC, t.id DESC LIMIT %(limit)s")
+        sql = (
+            _THREAD_SQL
+            + " WHERE "
+            + " AND ".join(clauses)
+            + " ORDER BY t.updated_at DESC, t.id DESC LIMIT %(limit)s"
+        )
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(sql, params)
@@ -260,14 +280,26 @@ class PostgresDataLayer(BaseDataLayer):  # type: ignore[misc]
     def _step_dict(row: dict[str, Any]) -> dict[str, Any]:
         step: dict[str, Any] = dict(row["extra"] or {})
         step.update(
-            id=row["id"], threadId=row["thread_id"], parentId=row["parent_id"],
-            name=row["name"], type=row["type"], input=row["input"], output=row["output"],
-            isError=row["is_error"], metadata=row["metadata"] or {}, start=row["start_time"],
-            end=row["end_time"], createdAt=_iso(row["created_at"]),
+            id=row["id"],
+            threadId=row["thread_id"],
+            parentId=row["parent_id"],
+            name=row["name"],
+            type=row["type"],
+            input=row["input"],
+            output=row["output"],
+            isError=row["is_error"],
+            metadata=row["metadata"] or {},
+            start=row["start_time"],
+            end=row["end_time"],
+            createdAt=_iso(row["created_at"]),
         )
         if row.get("feedback_id"):
-            step["feedback"] = {"id": row["feedback_id"], "forId": row["id"],
-                                "value": row["feedback_value"], "comment": row["feedback_comment"]}
+            step["feedback"] = {
+                "id": row["feedback_id"],
+                "forId": row["id"],
+                "value": row["feedback_value"],
+                "comment": row["feedback_comment"],
+            }
         return step
 
 

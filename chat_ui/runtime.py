@@ -67,8 +67,14 @@ class Runtime:
             ),
         )
         return cls(
-            settings=settings, pool=pool, redis=redis, engine=engine, users=users,
-            history=history, status=status, pipeline=pipeline,
+            settings=settings,
+            pool=pool,
+            redis=redis,
+            engine=engine,
+            users=users,
+            history=history,
+            status=status,
+            pipeline=pipeline,
             data_layer=PostgresDataLayer(pool, users),
         )
 

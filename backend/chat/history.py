@@ -50,8 +50,7 @@ class History:
     async def _push(self, thread_id: str, messages: Iterable[Message], *, replace: bool) -> None:
         key = _PREFIX + thread_id
         encoded = [
-            json.dumps({"role": m.role, "content": m.content}, ensure_ascii=False)
-            for m in messages
+            json.dumps({"role": m.role, "content": m.content}, ensure_ascii=False) for m in messages
         ]
         try:
             async with self._redis.pipeline(transaction=True) as pipe:

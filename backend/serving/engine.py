@@ -1,0 +1,229 @@
+"""Talking to one OpenAI-compatible engine: vLLM, llama-cpp-python's server, or any such URL.
+
+`Engine.stream(request)` yields text deltas. `OpenAIEngine` implements it with `openai.AsyncOpenAI`
+and enforces four budgets, each raising `EngineTimeout(phase, seconds)`:
+
+    connect      opening the TCP connection (httpx's connect timeout)
+    first_token  from the call until the first content delta arrives
+    inter_token  between consecutive chunks once the first content delta arrived
+    total        the whole answer
+
+Other failures: nothing listening or 5xx (and 429: busy, try another replica) → EngineUnavailable;
+4xx → EngineRejected. The client never retries (retrying on another replica is the pool's job).
+
+Stopping: when the consumer is cancelled, or closes the generator (`aclose()`,
+`contextlib.aclosing`, or breaking out of `async for` and letting it be collected), the upstream
+HTTP response is closed, so the engine sees the disconnect and stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import httpx
+import openai
+from openai import NOT_GIVEN, AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from backend.config import LLMSettings
+from backend.errors import (
+    EngineError,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+    TimeoutPhase,
+)
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One completion call. `priority` is vLLM's (lower runs sooner under `--scheduling-policy
+    priority`) and is sent only when set; `extra_body` is merged into the JSON body as is."""
+
+    messages: tuple[Message, ...]
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.8
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stream: bool = True
+    priority: int | None = None
+    extra_body: Mapping[str, object] = field(default_factory=dict, hash=False)
+
+    def body_extras(self) -> dict[str, object]:
+        """The fields the OpenAI SDK has no parameter for, as sent in the JSON body."""
+        extras = dict(self.extra_body)
+        if self.priority is not None:
+            extras["priority"] = self.priority
+        return extras
+
+
+class Engine(Protocol):
+    def stream(self, request: ChatRequest) -> AsyncIterator[str]:
+        """Yield the answer as text deltas (one piece when `request.stream` is false).
+
+        Raises EngineUnavailable, EngineTimeout or EngineRejected.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Budgets in seconds; see the module docstring for what each one bounds."""
+
+    connect_s: float
+    first_token_s: float
+    inter_token_s: float
+    total_s: float
+
+    @classmethod
+    def from_settings(cls, llm: LLMSettings) -> Timeouts:
+        return cls(
+            connect_s=llm.connect_timeout_s,
+            first_token_s=llm.first_token_timeout_s,
+            inter_token_s=llm.inter_token_timeout_s,
+            total_s=llm.total_timeout_s,
+        )
+
+
+@dataclass(frozen=True)
+class _Deadline:
+    at: float  # event-loop time
+    phase: TimeoutPhase
+    seconds: float  # the budget reported when it passes
+
+    def or_sooner(self, other: _Deadline) -> _Deadline:
+        return self if self.at <= other.at else other
+
+
+class OpenAIEngine:
+    """An `Engine` over the OpenAI chat-completions API. Safe to share between tasks; close with
+    `aclose()` at shutdown."""
+
+    def __init__(self, *, base_url: str, api_key: str, model: str, timeouts: Timeouts) -> None:
+        self._base_url = base_url
+        self._model = model
+        self._timeouts = timeouts
+        # Reads are unbounded here: the first-token, inter-token and total budgets bound them.
+        http_timeout = httpx.Timeout(None, connect=timeouts.connect_s, pool=timeouts.connect_s)
+        self._http = httpx.AsyncClient(timeout=http_timeout, trust_env=False)
+        self._client = AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=http_timeout,
+            http_client=self._http,
+        )
+
+    @classmethod
+    def from_settings(cls, llm: LLMSettings, *, base_url: str) -> OpenAIEngine:
+        return cls(
+            base_url=base_url,
+            api_key=llm.api_key.get_secret_value(),
+            model=llm.model,
+            timeouts=Timeouts.from_settings(llm),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+        await self._http.aclose()
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str, None]:
+        """See `Engine.stream`. Raises EngineUnavailable, EngineTimeout or EngineRejected.
+
+        An async generator, so callers can close it early with `contextlib.aclosing`.
+        """
+        loop = asyncio.get_running_loop()
+        budget = self._timeouts
+        now = loop.time()
+        total = _Deadline(now + budget.total_s, TimeoutPhase.TOTAL, budget.total_s)
+        first_s = budget.first_token_s
+        first = _Deadline(now + first_s, TimeoutPhase.FIRST_TOKEN, first_s).or_sooner(total)
+        try:
+            if not request.stream:
+                completion = await _within(self._complete(request), first)
+                text = completion.choices[0].message.content if completion.choices else None
+                if text:
+                    yield text
+                return
+            chunks = await _within(self._open_stream(request), first)
+            try:
+                deadline, started = first, False
+                while True:
+                    try:
+                        chunk = await _within(anext(chunks), deadline)
+                    except StopAsyncIteration:
+                        return
+                    delta = chunk.choices[0].delta.content if chunk.choices else None
+                    if delta:
+                        yield delta
+                    started = started or bool(delta)
+                    if started:
+                        inter = budget.inter_token_s
+                        deadline = _Deadline(loop.time() + inter, TimeoutPhase.INTER_TOKEN, inter)
+                        deadline = deadline.or_sooner(total)
+            finally:
+                # Runs on exhaustion, errors, CancelledError and GeneratorExit alike: closing the
+                # response drops the connection, which is how the engine learns to stop.
+                await chunks.close()
+        except EngineTimeout as exc:
+            logger.warning("engine %s: %s", self._base_url, exc)
+            raise
+        except (openai.OpenAIError, httpx.HTTPError) as exc:
+            error = self._engine_error(exc)
+            logger.warning("engine %s: %s: %s", self._base_url, type(error).__name__, exc)
+            raise error from exc
+
+    def _open_stream(self, request: ChatRequest) -> Awaitable[AsyncStream[ChatCompletionChunk]]:
+        return self._client.chat.completions.create(**self._arguments(request), stream=True)
+
+    def _complete(self, request: ChatRequest) -> Awaitable[ChatCompletion]:
+        return self._client.chat.completions.create(**self._arguments(request), stream=False)
+
+    def _arguments(self, request: ChatRequest) -> dict[str, Any]:
+        return {
+            "model": self._model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "presence_penalty": request.presence_penalty,
+            "stop": list(request.stop) if request.stop else NOT_GIVEN,
+            "extra_body": request.body_extras() or None,
+        }
+
+    def _engine_error(self, exc: openai.OpenAIError | httpx.HTTPError) -> EngineError:
+        if isinstance(exc, openai.APITimeoutError):
+            # Reads are unbounded at the HTTP layer, so only connecting can time out there.
+            return EngineTimeout(TimeoutPhase.CONNECT, self._timeouts.connect_s)
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            if status >= 500 or status == httpx.codes.TOO_MANY_REQUESTS:
+                return EngineUnavailable(f"engine answered HTTP {status}: {exc.message}")
+            return EngineRejected(f"engine refused the request, HTTP {status}: {exc.message}")
+        # Refused/unreachable, the connection dropped mid-stream, an error event inside the
+        # stream, or a reply that is not OpenAI's format.
+        return EngineUnavailable(f"engine failed: {type(exc).__name__}: {exc}")
+
+
+async def _within(awaitable: Awaitable[_T], deadline: _Deadline) -> _T:
+    """Await `awaitable` in the current task; raise EngineTimeout once `deadline` passes."""
+    try:
+        async with asyncio.timeout_at(deadline.at):
+            return await awaitable
+    except TimeoutError as exc:
+        raise EngineTimeout(deadline.phase, deadline.seconds) from exc

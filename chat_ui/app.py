@@ -8,9 +8,9 @@ uncaught one would leave the user with a silent spinner; users get `user_message
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import chainlit as cl
+from chainlit.types import ThreadDict
 
 from backend.chat.history import History
 from backend.errors import AuthError, QwenStackError
@@ -65,7 +65,7 @@ async def _start() -> None:
 
 
 @cl.on_chat_resume
-async def _resume(thread: dict[str, Any]) -> None:
+async def _resume(thread: ThreadDict) -> None:
     """Rebuild the model's context from the persisted thread if Redis no longer holds it."""
     history: History = runtime.current().history
     try:
@@ -76,7 +76,7 @@ async def _resume(thread: dict[str, Any]) -> None:
         await cl.Message(content=exc.user_message, author="系统").send()
 
 
-def messages_of(thread: dict[str, Any]) -> list[Message]:
+def messages_of(thread: ThreadDict) -> list[Message]:
     """The user/assistant exchange of a persisted Chainlit thread, oldest first."""
     roles = {"user_message": "user", "assistant_message": "assistant"}
     return [

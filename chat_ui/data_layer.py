@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from chainlit.data.base import BaseDataLayer
+from chainlit.step import StepDict
 from chainlit.types import (
     Feedback,
     PageInfo,
@@ -56,7 +57,7 @@ def _iso(value: Any) -> str:
     return value.isoformat() if value is not None else ""
 
 
-class PostgresDataLayer(BaseDataLayer):  # type: ignore[misc]
+class PostgresDataLayer(BaseDataLayer):
     def __init__(self, pool: AsyncConnectionPool, users: UserStore) -> None:
         self._pool = pool
         self._users = users
@@ -142,7 +143,7 @@ class PostgresDataLayer(BaseDataLayer):  # type: ignore[misc]
             )
             steps = [self._step_dict(s) for s in await cur.fetchall()]
         thread = self._thread_dict(row)
-        thread["steps"] = steps
+        thread["steps"] = steps  # type: ignore[typeddict-item]  # our dicts carry StepDict keys
         return thread
 
     async def list_threads(
@@ -252,7 +253,7 @@ class PostgresDataLayer(BaseDataLayer):  # type: ignore[misc]
     async def delete_element(self, element_id: str, thread_id: str | None = None) -> None:
         return None
 
-    async def get_favorite_steps(self, user_id: str) -> list[dict[str, Any]]:
+    async def get_favorite_steps(self, user_id: str) -> list[StepDict]:
         return []
 
     async def build_debug_url(self) -> str:

@@ -30,7 +30,7 @@ class History:
     async def load(self, thread_id: str) -> list[Message]:
         """Oldest first. Raises RedisUnavailable."""
         try:
-            raw = await self._redis.lrange(_PREFIX + thread_id, 0, -1)
+            raw: list[bytes | str] = await self._redis.lrange(_PREFIX + thread_id, 0, -1)  # type: ignore[misc]
         except RedisError as exc:
             raise RedisUnavailable("history read failed") from exc
         messages = []

@@ -40,6 +40,7 @@ UI_READY_POLLS = 600  # × 0.1 s
 class RunningUI:
     url: str  # e.g. http://127.0.0.1:PORT
     log: Path
+    env: dict[str, str]  # the settings it runs with, so a replica can share them
 
     @property
     def chat(self) -> str:
@@ -51,9 +52,8 @@ def _redis_db_url(redis_url: str, db: int) -> str:
     return f"{redis_url}{'&' if '?' in redis_url else '?'}db={db}"
 
 
-async def _start_ui(
-    *, engine_url: str, database_url: str, redis_url: str, state: Path, extra_env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], RunningUI, str]:
+async def _new_database(database_url: str) -> tuple[str, str]:
+    """(name, URL) of a migrated database holding the test login."""
     name = f"e2e_{uuid.uuid4().hex[:12]}"
     db_url = ensure_database(database_url, name)
     await migrate(db_url)
@@ -62,16 +62,28 @@ async def _start_ui(
         await UserStore(pool).ensure(USER, PASSWORD, role=Role.USER)
     finally:
         await pool.close()
-    port = free_port()
+    return name, db_url
+
+
+async def _start_ui(
+    *, engine_url: str, database_url: str, redis_url: str, state: Path, extra_env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], RunningUI, str]:
+    name, db_url = await _new_database(database_url)
     env = {
-        **os.environ,
-        "QWEN_STATE_DIR": str(state),
         "QWEN_DATABASE__URL": db_url,
         "QWEN_REDIS__URL": redis_url,
         "QWEN_LLM__BASE_URL": engine_url,
-        "QWEN_UI__PORT": str(port),
         **extra_env,
     }
+    process, ui = await _spawn_ui(env, state)
+    return process, ui, name
+
+
+async def _spawn_ui(
+    settings_env: dict[str, str], state: Path
+) -> tuple[subprocess.Popen[bytes], RunningUI]:
+    port = free_port()
+    env = {**os.environ, **settings_env, "QWEN_STATE_DIR": str(state), "QWEN_UI__PORT": str(port)}
     log = state / "ui.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -79,14 +91,14 @@ async def _start_ui(
              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
             env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
-    ui = RunningUI(url=f"http://127.0.0.1:{port}", log=log)
+    ui = RunningUI(url=f"http://127.0.0.1:{port}", log=log, env=settings_env)
     async with httpx.AsyncClient(trust_env=False) as client:
         for _ in range(UI_READY_POLLS):
             if process.poll() is not None:
                 pytest.fail(f"chat_ui exited: {log.read_text(errors='replace')[-3000:]}")
             try:
                 if (await client.get(ui.url + "/healthz")).status_code == 200:
-                    return process, ui, name
+                    return process, ui
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.1)
@@ -139,6 +151,17 @@ async def fake_ui(
     )  # fmt: skip
     yield ui
     _stop_ui(process, database_url, name)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def fake_ui_replica(
+    fake_ui: RunningUI, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningUI]:
+    """A second chat_ui process sharing fake_ui's database, Redis and engine (another replica)."""
+    process, ui = await _spawn_ui(fake_ui.env, tmp_path_factory.mktemp("ui-replica"))
+    yield ui
+    process.terminate()
+    process.wait(timeout=20)
 
 
 @pytest_asyncio.fixture(scope="session")

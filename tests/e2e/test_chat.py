@@ -110,3 +110,48 @@ async def test_first_token_timeout_is_clear(
     await login(page, fake_ui)
     await send(page, "你好")
     await page.get_by_text("模型响应超时").wait_for(timeout=30_000)
+
+
+async def test_other_replica_resumes_thread(
+    page: Page, fake_ui: RunningUI, fake_ui_replica: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    fake_engine.script([{"text": "第一轮的回答"}, {"text": "第二轮的回答"}])
+    await login(page, fake_ui)
+    await send(page, "第一轮的问题")
+    assert await wait_answer_done(page) == "第一轮的回答"
+    await page.reload()
+    await page.get_by_text("第一轮的问题").first.click()  # open it from the history sidebar
+    await page.wait_for_url("**/thread/**", timeout=15_000)
+    thread_url = page.url.replace(fake_ui.url, fake_ui_replica.url)
+    await page.goto(thread_url)  # same login cookie (cookies are per host, not per port)
+    await page.wait_for_selector(ANSWER, timeout=30_000)
+    assert await answer_text(page) == "第一轮的回答"
+    await send(page, "第二轮的问题")
+    for _ in range(600):
+        if await answer_text(page) == "第二轮的回答":
+            break
+        await asyncio.sleep(POLL_S)
+    second = fake_engine.log()[-1]["body"]["messages"]
+    assert [m["content"] for m in second[1:]] == ["第一轮的问题", "第一轮的回答", "第二轮的问题"]
+
+
+async def test_starter_sends_its_message(
+    page: Page, fake_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    await login(page, fake_ui)
+    await page.click("#starter-自我介绍")
+    await wait_answer_done(page)
+    assert (
+        fake_engine.log()[-1]["body"]["messages"][-1]["content"]
+        == "你好！请用三句话介绍一下你自己。"
+    )
+
+
+async def test_stalled_stream_keeps_partial_answer(
+    page: Page, fake_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    fake_engine.script([{"text": "说到一半就卡住了", "stall_after": 4}])
+    await login(page, fake_ui)
+    await send(page, "你好")
+    await page.get_by_text("模型回答中途停顿过久").wait_for(timeout=30_000)
+    assert (await answer_text(page)).startswith("说到一半")

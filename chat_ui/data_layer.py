@@ -158,7 +158,8 @@ class PostgresDataLayer(BaseDataLayer):
         params: dict[str, Any] = {"user_id": filters.userId, "limit": pagination.first + 1}
         if filters.search:
             clauses.append("t.name ILIKE %(search)s")
-            params["search"] = "%" + filters.search.replace("%", r"\%") + "%"
+            escaped = filters.search.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
+            params["search"] = "%" + escaped + "%"
         if pagination.cursor:
             clauses.append(
                 "(t.updated_at, t.id) < (SELECT updated_at, id FROM threads WHERE id = %(cursor)s)"

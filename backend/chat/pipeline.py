@@ -7,6 +7,7 @@ audit) slot in here, never in chat_ui.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -82,9 +83,10 @@ class ChatPipeline:
         request = self.build_request(past, text)
         parts: list[str] = []
         try:
-            async for delta in self._engine.stream(request):
-                parts.append(delta)
-                yield delta
+            async with contextlib.aclosing(self._engine.stream(request)) as deltas:
+                async for delta in deltas:
+                    parts.append(delta)
+                    yield delta
         except EngineUnavailable as exc:
             status = await self._status.get(ENGINE_PROCESS)
             if status is not None and status.state in (

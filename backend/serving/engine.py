@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -73,10 +73,11 @@ class ChatRequest:
 
 
 class Engine(Protocol):
-    def stream(self, request: ChatRequest) -> AsyncIterator[str]:
+    def stream(self, request: ChatRequest) -> AsyncGenerator[str, None]:
         """Yield the answer as text deltas (one piece when `request.stream` is false).
 
-        Raises EngineUnavailable, EngineTimeout or EngineRejected.
+        An async generator, so a consumer that stops early can `aclose()` it and the upstream
+        request ends at once. Raises EngineUnavailable, EngineTimeout or EngineRejected.
         """
         ...
 

@@ -109,7 +109,11 @@ async def test_first_token_timeout_is_clear(
     fake_engine.script([{"text": "太迟了", "first_token_delay_s": 5}])
     await login(page, fake_ui)
     await send(page, "你好")
-    await page.get_by_text("模型响应超时").wait_for(timeout=30_000)
+    notice = page.get_by_text("模型响应超时")
+    await notice.wait_for(timeout=30_000)
+    assert await notice.is_visible()
+    log = await fake_engine.settled_log()
+    assert log[-1]["disconnected"] is True  # we gave up on the engine, and it knows
 
 
 async def test_other_replica_resumes_thread(

@@ -10,7 +10,7 @@ MODEL  ?=
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-m 'not browser' -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run test lint typecheck check bench-cpu clean
+.PHONY: install system-deps run test lint typecheck bench-cpu bench-ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ test: install system-deps lint typecheck
 
 bench-cpu: install
 	$(BIN)/python bench/cpu_engine.py
+
+bench-ui: install system-deps
+	$(BIN)/python bench/ui_ttft.py
 
 clean:
 	rm -rf $(VENV) .qwen-stack .mypy_cache .ruff_cache .pytest_cache

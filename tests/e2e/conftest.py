@@ -18,7 +18,7 @@ import httpx
 import psycopg
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, WebSocket, async_playwright
 from psycopg import sql
 
 from backend.auth import Role, UserStore
@@ -183,8 +183,30 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
 
 
 async def login(page: Page, ui: RunningUI) -> None:
+    """Log in and return once the chat session is live.
+
+    Chainlit drops a message sent before its websocket session has run on_chat_start, so wait for
+    that run (a task_start then task_end frame on the socket), not only for the input box.
+    """
+    ready = asyncio.Event()
+
+    def on_socket(socket: WebSocket) -> None:
+        started = False
+
+        def on_frame(payload: str | bytes) -> None:
+            nonlocal started
+            if isinstance(payload, str) and payload.startswith('42["task_start"'):
+                started = True
+            elif isinstance(payload, str) and payload.startswith('42["task_end"') and started:
+                ready.set()
+
+        socket.on("framereceived", on_frame)
+
+    page.on("websocket", on_socket)
     await page.goto(ui.chat)
     await page.fill("#email", USER)
     await page.fill("#password", PASSWORD)
     await page.click("button[type=submit]")
     await page.wait_for_selector("#chat-input", timeout=30_000)
+    await asyncio.wait_for(ready.wait(), 30)
+    page.remove_listener("websocket", on_socket)

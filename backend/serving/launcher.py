@@ -48,7 +48,7 @@ def engine_command(settings: Settings, model: Path) -> list[str]:
     engine = settings.engine
     threads = str(engine_threads(engine))
     return [
-        sys.executable, "-m", "llama_cpp.server",
+        sys.executable, "-m", "backend.serving.llama_server",
         "--model", str(model),
         "--model_alias", settings.llm.model,
         "--chat_format", "chatml",

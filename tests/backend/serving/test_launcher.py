@@ -63,8 +63,12 @@ def models_server() -> Iterator[tuple[str, list[str]]]:
         thread.join()
 
 
-def test_command_runs_llama_cpp_server() -> None:
-    assert engine_command(Settings(), MODEL)[:3] == [sys.executable, "-m", "llama_cpp.server"]
+def test_command_runs_our_llama_server_entry() -> None:
+    assert engine_command(Settings(), MODEL)[:3] == [
+        sys.executable,
+        "-m",
+        "backend.serving.llama_server",
+    ]
 
 
 def test_command_serves_the_model() -> None:

@@ -10,6 +10,7 @@ partial UTF-8); only structure and speed are meaningful. Builds are deterministi
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import random
@@ -104,7 +105,9 @@ def build_random_model(
 
 def model_file_name(shape: Qwen2Shape, *, seed: int, weight_type: WeightType) -> str:
     """The cache file name for these parameters, e.g. `qwen2-tiny-s0-f16-1a2b3c4d5e6f.gguf`."""
-    key = repr((BUILD_VERSION, TRAINED_VOCAB_SIZE, shape, seed, weight_type.value))
+    # The libraries that shape the bytes are part of the key: an upgrade builds a new file.
+    libraries = [importlib.metadata.version(name) for name in ("gguf", "numpy", "tokenizers")]
+    key = repr((BUILD_VERSION, TRAINED_VOCAB_SIZE, shape, seed, weight_type.value, libraries))
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return f"qwen2-{shape.name}-s{seed}-{weight_type}-{digest}.gguf"
 

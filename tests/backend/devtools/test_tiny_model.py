@@ -10,7 +10,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from backend.devtools.tiny_model import build_tiny_model
+from backend.devtools.tiny_model import build_tiny_model, build_vocab
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -60,6 +60,12 @@ def test_existing_file_is_reused(tmp_path: Path) -> None:
 
 def test_seed_changes_the_file(tmp_path: Path, tiny_gguf: Path) -> None:
     assert build_tiny_model(tmp_path, seed=1).name != tiny_gguf.name
+
+
+def test_vocab_padded_to_embedding_rows() -> None:
+    vocab = build_vocab(5000)
+    assert len(vocab.tokens) == len(set(vocab.tokens)) == len(vocab.token_types) == 5000
+    assert vocab.token_types[-1] == 1  # fillers are normal tokens
 
 
 def test_failed_build_leaves_no_file(tmp_path: Path) -> None:

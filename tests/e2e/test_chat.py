@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from playwright.async_api import Page
+from playwright.async_api import Browser, Page
 
 from tests.e2e.conftest import RunningUI, login
 from tests.fixtures.engines import FakeEngineHandle
@@ -159,3 +159,16 @@ async def test_stalled_stream_keeps_partial_answer(
     await send(page, "你好")
     await page.get_by_text("模型回答中途停顿过久").wait_for(timeout=30_000)
     assert (await answer_text(page)).startswith("说到一半")
+
+
+async def test_ui_is_chinese_for_an_english_browser(browser: Browser, fake_ui: RunningUI) -> None:
+    context = await browser.new_context(locale="en-US")
+    try:
+        page = await context.new_page()
+        await page.goto(fake_ui.chat)
+        await page.wait_for_selector("#email", timeout=30_000)
+        body = await page.inner_text("body")
+    finally:
+        await context.close()
+    assert "用户名" in body
+    assert "密码" in body

@@ -96,6 +96,32 @@ class EngineSettings(BaseModel):
     modelscope_endpoint: str = Field("https://modelscope.cn", description="ModelScope endpoint")
 
 
+class ServingSettings(BaseModel):
+    """Engine replicas, session slots, the priority queue and degradation (backend/serving/)."""
+
+    replicas: list[str] = Field(
+        default_factory=list,
+        description="engine base URLs (JSON list); empty: llm.base_url, else the local engine(s)",
+    )
+    slots_per_replica: int = Field(4, description="concurrent conversations pinned per replica")
+    lease_ttl_s: int = Field(120, description="seconds a session slot lives without a new turn")
+    queue_wait_budget_s: float = Field(30.0, description="seconds a request may wait for a slot")
+    queue_max_depth: int = Field(200, description="waiting requests beyond which new ones are refused")
+    health_interval_s: float = Field(5.0, description="seconds between replica health probes")
+    breaker_failures: int = Field(3, description="consecutive failures that open a replica's breaker")
+    breaker_reset_s: float = Field(30.0, description="seconds before an open breaker is tried again")
+    warmup: bool = Field(True, description="prefill the system prompt on a newly leased replica")
+    sentiment: bool = Field(True, description="label each message 正面/负面/中性 before answering")
+
+
+class GuardSettings(BaseModel):
+    """The sensitive-word guard (backend/guard/)."""
+
+    lexicon_dir: Path | None = Field(
+        None, description="folder of lexicon files; unset: the built-in sample lexicon"
+    )
+
+
 class UISettings(BaseModel):
     host: str = Field("127.0.0.1", description="chat UI bind address")
     port: int = Field(8000, description="chat UI port")
@@ -133,6 +159,8 @@ class Settings(BaseSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     ui: UISettings = Field(default_factory=UISettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    guard: GuardSettings = Field(default_factory=GuardSettings)
 
     @model_validator(mode="after")
     def _refuse_dev_secrets(self) -> Settings:

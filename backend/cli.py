@@ -1,6 +1,6 @@
 """`qwen-stack`: the command line.
 
-    qwen-stack up [--model PATH|tiny]      the whole system on one machine
+    qwen-stack up [--model PATH|tiny] [--engines N]   the whole system on one machine
     qwen-stack engine [--model PATH|tiny]  only the llama.cpp engine (foreground)
     qwen-stack ui                          only the chat UI (needs database and Redis URLs)
     qwen-stack migrate                     apply database migrations
@@ -47,7 +47,8 @@ def _with_model(settings: Settings, model: str | None) -> Settings:
 def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from backend import stack
 
-    return asyncio.run(stack.run(_with_model(settings, args.model), out=sys.stdout))
+    settings = _with_model(settings, args.model)
+    return asyncio.run(stack.run(settings, out=sys.stdout, engines=args.engines))
 
 
 def _cmd_engine(settings: Settings, args: argparse.Namespace) -> int:
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole system on this machine")
     up.add_argument("--model", help="GGUF path, or 'tiny' for a generated test model")
+    up.add_argument(
+        "--engines", type=int, default=1, help="local llama.cpp replicas (they share the cores)"
+    )
     up.set_defaults(func=_cmd_up)
 
     engine = sub.add_parser("engine", help="run the llama.cpp engine in the foreground")

@@ -103,15 +103,32 @@ class ServingSettings(BaseModel):
         default_factory=list,
         description="engine base URLs (JSON list); empty: llm.base_url, else the local engine(s)",
     )
-    slots_per_replica: int = Field(4, description="concurrent conversations pinned per replica")
+    slots_per_replica: int = Field(16, description="conversations pinned per replica at once")
     lease_ttl_s: int = Field(120, description="seconds a session slot lives without a new turn")
     queue_wait_budget_s: float = Field(30.0, description="seconds a request may wait for a slot")
-    queue_max_depth: int = Field(200, description="waiting requests beyond which new ones are refused")
+    queue_max_depth: int = Field(
+        200, description="waiting requests beyond which new ones are refused"
+    )
     health_interval_s: float = Field(5.0, description="seconds between replica health probes")
-    breaker_failures: int = Field(3, description="consecutive failures that open a replica's breaker")
-    breaker_reset_s: float = Field(30.0, description="seconds before an open breaker is tried again")
-    warmup: bool = Field(True, description="prefill the system prompt on a newly leased replica")
+    breaker_failures: int = Field(
+        3, description="consecutive failures that open a replica's breaker"
+    )
+    breaker_reset_s: float = Field(
+        30.0, description="seconds before an open breaker is tried again"
+    )
+    warmup: bool = Field(
+        False,
+        description="on chat start, take a slot and prefill the system prompt (long prompts)",
+    )
     sentiment: bool = Field(True, description="label each message 正面/负面/中性 before answering")
+    priority_scheduling: bool = Field(
+        False,
+        description="send request priorities (vLLM needs `--scheduling-policy priority` for it)",
+    )
+    engine_processes: list[str] = Field(
+        default_factory=lambda: ["engine"],
+        description="supervised engine process names (set by `qwen-stack up`)",
+    )
 
 
 class GuardSettings(BaseModel):

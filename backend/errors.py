@@ -2,6 +2,7 @@
 
     QwenStackError                  base; `user_message` is safe to show (no paths, DSNs, tracebacks)
     ├── ConfigError                 settings are missing or inconsistent
+    │   └── LexiconError            a guard lexicon file is missing or malformed (file:line)
     ├── ServiceError                an embedded or external service could not be started or reached
     │   ├── DatabaseUnavailable
     │   └── RedisUnavailable
@@ -13,8 +14,11 @@
     │   ├── EngineTimeout           connect / first-token / inter-token / total budget ran out
     │   │                           (`phase` tells which)
     │   └── EngineRejected          the engine refused the request (4xx): too long, bad parameters
-    └── AuthError                   bad credentials or a forbidden action
-        └── UserExists
+    ├── AuthError                   bad credentials or a forbidden action
+    │   └── UserExists
+    └── ServiceBusy                 no engine slot for this request now; degrade or refuse politely
+        ├── QueueFull               the wait queue was at its maximum depth on entry
+        └── QueueTimeout            the wait budget ran out before a slot freed
 
 Only `chat_ui/`, HTTP handlers and the CLI turn these into messages.
 """
@@ -98,3 +102,30 @@ class UserExists(AuthError):
 
 class EngineRestarting(EngineUnavailable):
     user_message = "模型服务正在重启，请稍候几秒后重试。"
+
+
+class ServiceBusy(QwenStackError):
+    user_message = "当前使用人数较多，请稍后再试。"
+
+
+class QueueFull(ServiceBusy):
+    user_message = "当前排队人数已满，请稍等一分钟后再发送。"
+
+    def __init__(self, depth: int, max_depth: int) -> None:
+        super().__init__(f"wait queue full: {depth} waiting, max {max_depth}")
+        self.depth = depth
+        self.max_depth = max_depth
+
+
+class QueueTimeout(ServiceBusy):
+    user_message = "排队等待超时，当前使用人数较多，请稍后重新发送。"
+
+    def __init__(self, budget_s: float) -> None:
+        super().__init__(f"no slot within the wait budget of {budget_s:g}s")
+        self.budget_s = budget_s
+
+
+class LexiconError(ConfigError):
+    """A guard lexicon could not be read; the message names the file and line for admins."""
+
+    user_message = "敏感词词库有误，请联系管理员。"

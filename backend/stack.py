@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from backend.auth import Role, UserStore
 from backend.config import Mode, Settings, child_env
 from backend.db import migrate, open_pool
 from backend.embedded import EmbeddedServices
-from backend.serving.launcher import engine_base_url, engine_command
+from backend.serving.launcher import engine_base_url, engine_command, local_engine_settings
 from backend.serving.models import resolve_model
 from backend.serving.status import StatusBoard
 from backend.supervisor import ChildSpec, Supervisor
@@ -49,27 +50,45 @@ def ui_command(settings: Settings) -> list[str]:
     ]  # fmt: skip
 
 
-def plan(settings: Settings, *, env: dict[str, str], model: Path | None) -> StackPlan:
-    """The children for these settings; `model` is None when an external engine is configured."""
+def engine_process_names(count: int) -> list[str]:
+    """`engine` for one replica; `engine-1` … `engine-N` for several."""
+    return [ENGINE] if count == 1 else [f"{ENGINE}-{i + 1}" for i in range(count)]
+
+
+def plan(
+    settings: Settings, *, env: dict[str, str], model: Path | None, engines: int = 1
+) -> StackPlan:
+    """The children for these settings; `model` is None when an external engine is configured.
+
+    With a model, `engines` llama.cpp replicas run on consecutive ports from `engine.port`, sharing
+    the cores, and the UI is told their URLs (`QWEN_SERVING__REPLICAS`).
+    """
     logs = settings.run_dir / "logs"
     host = "127.0.0.1" if settings.ui.host in {"0.0.0.0", ""} else settings.ui.host  # noqa: S104
     ui_url = f"http://{host}:{settings.ui.port}"
     children = []
+    ui_env = dict(env)
     if model is not None:
-        children.append(
-            ChildSpec(
-                name=ENGINE,
-                argv=engine_command(settings, model),
-                env=env,
-                log_path=logs / "engine.log",
-                ready_url=engine_base_url(settings) + "/models",
+        replicas = local_engine_settings(settings, count=engines)
+        names = engine_process_names(engines)
+        for name, replica in zip(names, replicas, strict=True):
+            children.append(
+                ChildSpec(
+                    name=name,
+                    argv=engine_command(replica, model),
+                    env=env,
+                    log_path=logs / f"{name}.log",
+                    ready_url=engine_base_url(replica) + "/models",
+                )
             )
-        )
+        urls = [engine_base_url(replica) for replica in replicas]
+        ui_env["QWEN_SERVING__REPLICAS"] = json.dumps(urls)
+        ui_env["QWEN_SERVING__ENGINE_PROCESSES"] = json.dumps(names)
     children.append(
         ChildSpec(
             name=UI,
             argv=ui_command(settings),
-            env=env,
+            env=ui_env,
             log_path=logs / "ui.log",
             cwd=Path(__file__).resolve().parent.parent,
             ready_url=ui_url + "/healthz",
@@ -90,7 +109,7 @@ async def ensure_admin(database_url: str, settings: Settings) -> None:
         await pool.close()
 
 
-async def run(settings: Settings, *, out: TextIO) -> int:
+async def run(settings: Settings, *, out: TextIO, engines: int = 1) -> int:
     """Run until a stop signal; returns the exit code. Raises QwenStackError on start-up failure."""
     started = time.monotonic()
     # Resolve the model first: offline without a local file this fails in seconds, before anything
@@ -107,7 +126,7 @@ async def run(settings: Settings, *, out: TextIO) -> int:
     try:
         await migrate(urls.database_url)
         await ensure_admin(urls.database_url, settings)
-        stack = plan(settings, env=child_env(urls.env()), model=model)
+        stack = plan(settings, env=child_env(urls.env()), model=model, engines=engines)
         supervisor = Supervisor(stack.children, status=StatusBoard(redis))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -141,7 +160,7 @@ async def run(settings: Settings, *, out: TextIO) -> int:
 
 async def _wait_all(supervisor: Supervisor, stack: StackPlan, stop: asyncio.Event) -> bool:
     for child in stack.children:
-        timeout = ENGINE_READY_TIMEOUT_S if child.name == ENGINE else UI_READY_TIMEOUT_S
+        timeout = ENGINE_READY_TIMEOUT_S if child.name.startswith(ENGINE) else UI_READY_TIMEOUT_S
         waiter = asyncio.create_task(supervisor.wait_running(child.name, timeout_s=timeout))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)

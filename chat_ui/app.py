@@ -8,11 +8,15 @@ uncaught one would leave the user with a silent spinner; users get `user_message
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import chainlit as cl
+from chainlit.input_widget import InputWidget, Select
 from chainlit.types import ThreadDict
 
+from backend.chat.events import Done, Notice, NoticeKind, Outcome, Queued, SentimentLabel, Token
 from backend.chat.history import History
+from backend.chat.pipeline import Turn
 from backend.errors import AuthError, QwenStackError
 from backend.serving.engine import Message
 from chat_ui import runtime
@@ -21,6 +25,8 @@ from chat_ui.data_layer import PostgresDataLayer
 logger = logging.getLogger("chat_ui.app")
 
 GENERIC_ERROR = "抱歉，服务出现意外错误，请稍后再试。"
+SYSTEM_AUTHOR = "系统"
+STREAM_CHOICES = {"自动": None, "开": True, "关": False}
 
 STARTERS_ZH = [
     ("自我介绍", "你好！请用三句话介绍一下你自己。"),
@@ -59,21 +65,57 @@ async def _starters(user: cl.User | None = None, language: str | None = None) ->
     return [cl.Starter(label=label, message=message) for label, message in pairs]
 
 
+async def _send_settings() -> None:
+    widgets: list[InputWidget] = [
+        Select(
+            id="stream",
+            label="流式输出（自动：短问题边生成边显示，长问题生成完再显示）",
+            values=list(STREAM_CHOICES),
+            initial_value="自动",
+        )
+    ]
+    await cl.ChatSettings(widgets).send()
+
+
 @cl.on_chat_start
 async def _start() -> None:
-    logger.debug("chat started in thread %s", cl.context.session.thread_id)
+    await _send_settings()
+    try:  # take a slot and warm the replica's prefix cache before the first message
+        await runtime.current().pipeline.prepare(cl.context.session.thread_id)
+    except QwenStackError as exc:
+        logger.warning("could not prepare a session slot: %s", exc)
+
+
+@cl.on_settings_update
+async def _settings(settings: dict[str, Any]) -> None:
+    cl.user_session.set("stream", STREAM_CHOICES.get(str(settings.get("stream"))))
+
+
+@cl.on_chat_end
+async def _end() -> None:
+    """The browser went away (closed, new chat, or a network blip): stop the answer so the
+    engine stops generating for nobody, and free the session slot. A resumed thread takes a
+    slot again on its next message."""
+    task = cl.context.session.current_task
+    if task is not None and not task.done():
+        task.cancel()
+    try:
+        await runtime.current().pipeline.release(cl.context.session.thread_id)
+    except QwenStackError as exc:
+        logger.warning("could not release the session slot: %s", exc)
 
 
 @cl.on_chat_resume
 async def _resume(thread: ThreadDict) -> None:
     """Rebuild the model's context from the persisted thread if Redis no longer holds it."""
+    await _send_settings()
     history: History = runtime.current().history
     try:
         if await history.load(thread["id"]):
             return
         await history.restore(thread["id"], messages_of(thread))
     except QwenStackError as exc:
-        await cl.Message(content=exc.user_message, author="系统").send()
+        await cl.Message(content=exc.user_message, author=SYSTEM_AUTHOR).send()
 
 
 def messages_of(thread: ThreadDict) -> list[Message]:
@@ -88,11 +130,40 @@ def messages_of(thread: ThreadDict) -> list[Message]:
 
 @cl.on_message
 async def _message(message: cl.Message) -> None:
-    thread_id = cl.context.session.thread_id
+    turn = Turn(
+        thread_id=cl.context.session.thread_id,
+        text=message.content,
+        stream=cl.user_session.get("stream"),
+    )
     reply = cl.Message(content="")
+    queue_note: cl.Message | None = None
+    done: Done | None = None
     try:
-        async for delta in runtime.current().pipeline.answer(thread_id, message.content):
-            await reply.stream_token(delta)
+        async for event in runtime.current().pipeline.answer(turn):
+            if isinstance(event, Token):
+                await reply.stream_token(event.text)
+            elif isinstance(event, Queued):
+                p = event.position
+                text = f"排队中：您前面还有 {p.position - 1} 位，预计等待约 {p.eta_s:.0f} 秒。"
+                if queue_note is None:
+                    queue_note = cl.Message(content=text, author=SYSTEM_AUTHOR)
+                    await queue_note.send()
+                else:
+                    queue_note.content = text
+                    await queue_note.update()
+            elif isinstance(event, SentimentLabel):
+                async with cl.Step(name=f"情感：{event.label.value}", type="tool") as step:
+                    step.output = event.label.value
+            elif isinstance(event, Notice):
+                if queue_note is not None:
+                    await queue_note.remove()
+                    queue_note = None
+                if event.kind is NoticeKind.BUSY:
+                    await cl.ErrorMessage(content=event.text, author=SYSTEM_AUTHOR).send()
+                else:
+                    await cl.Message(content=f"ℹ️ {event.text}", author=SYSTEM_AUTHOR).send()
+            elif isinstance(event, Done):
+                done = event
     except QwenStackError as exc:
         logger.warning("answer failed: %s: %s", type(exc).__name__, exc)
         await _show_error(reply, exc.user_message)
@@ -101,9 +172,13 @@ async def _message(message: cl.Message) -> None:
         logger.exception("answer failed unexpectedly")
         await _show_error(reply, GENERIC_ERROR)
         return
-    if not reply.content:
-        reply.content = "（模型没有返回内容）"
-    await reply.send()
+    finally:
+        if queue_note is not None:
+            await queue_note.remove()
+    if reply.content:
+        await reply.send()
+    elif done is not None and done.outcome is not Outcome.REFUSED:
+        await cl.Message(content="（模型没有返回内容）").send()
 
 
 async def _show_error(reply: cl.Message, notice: str) -> None:
@@ -111,4 +186,4 @@ async def _show_error(reply: cl.Message, notice: str) -> None:
         await reply.stream_token(f"\n\n> ⚠️ {notice}")
         await reply.send()
     else:
-        await cl.ErrorMessage(content=notice, author="系统").send()
+        await cl.ErrorMessage(content=notice, author=SYSTEM_AUTHOR).send()

@@ -6,7 +6,10 @@ app's lifespan (`chat_ui.server`) and looked up by the handlers with `current()`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
@@ -14,13 +17,36 @@ from psycopg_pool import AsyncConnectionPool
 from backend.auth import UserStore
 from backend.chat.history import History
 from backend.chat.pipeline import ChatPipeline, PipelineConfig
+from backend.chat.sentiment import SentimentProbe
+from backend.chat.shaping import Shaper
 from backend.config import Settings
 from backend.db import migrate, open_pool
 from backend.errors import ConfigError
-from backend.serving.engine import OpenAIEngine
-from backend.serving.launcher import engine_base_url
+from backend.serving.engine import ChatRequest
+from backend.serving.launcher import engine_urls
+from backend.serving.pool import EnginePool
+from backend.serving.queue import WaitQueue
+from backend.serving.slots import SlotTable
 from backend.serving.status import StatusBoard
+from backend.serving.tokenizer import EngineTokenizer
 from chat_ui.data_layer import PostgresDataLayer
+
+SENTIMENT_TIMEOUT_S = 10.0
+
+
+class PoolEngine:
+    """The `Engine` interface over the pool: the first available replica that answers."""
+
+    def __init__(self, pool: EnginePool) -> None:
+        self._pool = pool
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str, None]:
+        started = await self._pool.start(request, order=self._pool.available())
+        async with contextlib.aclosing(started.rest) as rest:
+            if started.first:
+                yield started.first
+            async for delta in rest:
+                yield delta
 
 
 @dataclass
@@ -28,16 +54,18 @@ class Runtime:
     settings: Settings
     pool: AsyncConnectionPool
     redis: aioredis.Redis
-    engine: OpenAIEngine
+    engines: EnginePool
     users: UserStore
     history: History
     status: StatusBoard
     pipeline: ChatPipeline
     data_layer: PostgresDataLayer
+    tokenizer: EngineTokenizer
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
-        """Connect to PostgreSQL (migrating it), Redis and the engine. Raises ServiceError."""
+        """Connect to PostgreSQL (migrating it), Redis and the engines. Raises ServiceError."""
         if settings.database.url is None or settings.redis.url is None:
             raise ConfigError(
                 "chat_ui needs QWEN_DATABASE__URL and QWEN_REDIS__URL (`qwen-stack up` sets both)"
@@ -48,38 +76,60 @@ class Runtime:
         redis = aioredis.from_url(
             settings.redis.url.get_secret_value(), socket_connect_timeout=3, socket_timeout=5
         )
-        engine = OpenAIEngine.from_settings(settings.llm, base_url=engine_base_url(settings))
-        users = UserStore(pool)
+        serving = settings.serving
+        urls = engine_urls(settings)
+        engines = EnginePool(urls, llm=settings.llm, serving=serving)
+        tokenizer = EngineTokenizer(
+            urls[0], model=settings.llm.model, api_key=settings.llm.api_key.get_secret_value()
+        )
         history = History(
             redis,
             ttl_s=settings.redis.history_ttl_s,
             max_messages=settings.redis.history_max_messages,
         )
         status = StatusBoard(redis)
+        probe = (
+            SentimentProbe(PoolEngine(engines), timeout_s=SENTIMENT_TIMEOUT_S)
+            if serving.sentiment
+            else None
+        )
         pipeline = ChatPipeline(
-            engine=engine,
+            pool=engines,
+            slots=SlotTable(redis, capacity=serving.slots_per_replica, ttl_s=serving.lease_ttl_s),
+            queue=WaitQueue(redis, max_depth=serving.queue_max_depth),
+            shaper=Shaper(
+                tokenizer=tokenizer,
+                context_window=settings.engine.n_ctx,
+                max_tokens=settings.llm.max_tokens,
+            ),
             history=history,
             status=status,
+            sentiment=probe,
             config=PipelineConfig(
                 system_prompt=settings.llm.system_prompt,
-                max_tokens=settings.llm.max_tokens,
-                temperature=settings.llm.temperature,
+                slots_per_replica=serving.slots_per_replica,
+                queue_wait_budget_s=serving.queue_wait_budget_s,
+                warmup=serving.warmup,
+                engine_processes=tuple(serving.engine_processes),
             ),
         )
-        return cls(
-            settings=settings,
-            pool=pool,
-            redis=redis,
-            engine=engine,
-            users=users,
-            history=history,
-            status=status,
-            pipeline=pipeline,
-            data_layer=PostgresDataLayer(pool, users),
-        )
+        users = UserStore(pool)
+        runtime = cls(
+            settings=settings, pool=pool, redis=redis, engines=engines, users=users,
+            history=history, status=status, pipeline=pipeline,
+            data_layer=PostgresDataLayer(pool, users), tokenizer=tokenizer,
+        )  # fmt: skip
+        runtime._tasks.append(asyncio.create_task(engines.run_health_checks()))
+        return runtime
 
     async def aclose(self) -> None:
-        await self.engine.aclose()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.pipeline.aclose()
+        await self.engines.aclose()
+        await self.tokenizer.aclose()
         await self.redis.aclose()
         await self.pool.close()
 

@@ -1,104 +1,252 @@
-"""The conversation pipeline: one user message in, streamed answer text out.
+"""The conversation pipeline: one user message in, events (queue position, sentiment, notices,
+answer tokens) out. ARCHITECTURE.md steps 3-8; chat_ui only renders what this yields.
 
-Issue-2 scope: history from Redis, the system prompt, history trimmed to a character budget,
-an engine stream, the exchange appended to history. Later stages (guard, slots, shaping, retrieval,
-audit) slot in here, never in chat_ui.
+    history (Redis) ▸ session slot (Redis lease, or the priority queue) ▸ tier ▸ shape
+    ▸ sentiment probe ∥ answer stream (pool: failover before the first token) ▸ history append
+
+Concurrency: one `ChatPipeline` serves every conversation of a chat_ui process; all shared state is
+in Redis or in the engine pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
+from backend.chat.events import (
+    Done,
+    Event,
+    Notice,
+    NoticeKind,
+    Outcome,
+    Queued,
+    SentimentLabel,
+    Token,
+)
 from backend.chat.history import History
-from backend.errors import EngineRestarting, EngineUnavailable
-from backend.serving.engine import ChatRequest, Engine, Message
+from backend.chat.sentiment import SentimentProbe
+from backend.chat.shaping import Priority, Shaper, Tier
+from backend.errors import EngineRestarting, EngineUnavailable, QueueFull, QueueTimeout
+from backend.serving.degrade import choose_tier
+from backend.serving.engine import ChatRequest, Message
+from backend.serving.pool import EnginePool, Started
+from backend.serving.queue import Position, WaitQueue
+from backend.serving.slots import Lease, SlotTable
 from backend.serving.status import ProcessState, StatusBoard
 
 logger = logging.getLogger(__name__)
 
-ENGINE_PROCESS = "engine"
+QUEUE_LONG_CHARS = 600
+BUSY_TEXT = "当前使用人数较多，请约 {retry} 秒后再试。"
+DEGRADED_TEXT = "当前访问量较大，本次回答会更简短。"
+CONDENSED_TEXT = "您的输入过长，已保留开头和结尾、压缩了中间部分后再回答。"
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     system_prompt: str
-    max_tokens: int
-    temperature: float
-    history_char_budget: int = 6000
+    slots_per_replica: int
+    queue_wait_budget_s: float
+    warmup: bool = False
+    engine_processes: tuple[str, ...] = ("engine",)
 
 
-def trim_history(messages: list[Message], *, char_budget: int) -> list[Message]:
-    """The newest whole user/assistant messages whose total length fits the budget, oldest first."""
-    kept: list[Message] = []
-    used = 0
-    for message in reversed(messages):
-        used += len(message.content)
-        if used > char_budget:
-            break
-        kept.append(message)
-    kept.reverse()
-    while kept and kept[0].role != "user":  # never open on an orphan assistant reply
-        kept.pop(0)
-    return kept
+@dataclass(frozen=True)
+class Turn:
+    """One user message. `stream` None lets shaping decide; True/False is the user's choice."""
+
+    thread_id: str
+    text: str
+    stream: bool | None = None
 
 
 class ChatPipeline:
     def __init__(
         self,
         *,
-        engine: Engine,
+        pool: EnginePool,
+        slots: SlotTable,
+        queue: WaitQueue,
+        shaper: Shaper,
         history: History,
         status: StatusBoard,
+        sentiment: SentimentProbe | None,
         config: PipelineConfig,
     ) -> None:
-        self._engine = engine
+        self._pool = pool
+        self._slots = slots
+        self._queue = queue
+        self._shaper = shaper
         self._history = history
         self._status = status
+        self._sentiment = sentiment
         self._config = config
+        self._background: set[asyncio.Task[None]] = set()
 
-    def build_request(self, past: list[Message], text: str, *, stream: bool = True) -> ChatRequest:
-        messages = (
-            Message(role="system", content=self._config.system_prompt),
-            *trim_history(past, char_budget=self._config.history_char_budget),
-            Message(role="user", content=text),
+    async def prepare(self, thread_id: str) -> Lease | None:
+        """On a new conversation, with warm-up on: take a slot if one is free and prefill the
+        system prompt on its replica, so the first message only pays for itself (worth it for
+        long system prompts). Never waits in the queue; does nothing with warm-up off."""
+        if not self._config.warmup or await self._queue.depth() > 0:
+            return None
+        lease = await self._slots.acquire(thread_id, replicas=self._replicas())
+        if lease is not None and lease.new:
+            self._warm_up(lease.replica)
+        return lease
+
+    async def release(self, thread_id: str) -> None:
+        """The conversation's browser went away: free its slot now rather than at lease expiry."""
+        await self._slots.release(thread_id)
+
+    def _warm_up(self, replica: str) -> None:
+        request = ChatRequest(
+            messages=(Message(role="system", content=self._config.system_prompt),),
+            max_tokens=1,
+            temperature=0.1,
+            stream=False,
         )
-        return ChatRequest(
-            messages=messages,
-            max_tokens=self._config.max_tokens,
-            temperature=self._config.temperature,
-            stream=stream,
-        )
+        task = asyncio.create_task(self._pool.warm_up(replica, request))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def answer(self, thread_id: str, text: str) -> AsyncIterator[str]:
-        """Stream the answer's text deltas.
+    def _replicas(self) -> list[str]:
+        return self._pool.available()
 
-        Raises RedisUnavailable, EngineError (EngineRestarting when the supervisor is restarting the
-        engine). If the consumer stops early (user stop, disconnect), the partial answer is still
-        recorded so the next turn sees what the user saw.
+    async def answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
+        """Yield the events of one answer.
+
+        Raises RedisUnavailable, EngineError (EngineRestarting while the supervisor restarts the
+        engine). If the consumer stops early (user stop, disconnect) the upstream request is
+        closed and the partial answer recorded, so the next turn sees what the user saw.
         """
-        past = await self._history.load(thread_id)
-        request = self.build_request(past, text)
-        parts: list[str] = []
+        past = await self._history.load(turn.thread_id)
+        waited_from = time.monotonic()
+        # Always through the queue: it renews a held lease at once and takes a free slot on its
+        # first poll when nobody waits, so a newcomer never jumps the line.
+        lease: Lease | None = None
         try:
-            async with contextlib.aclosing(self._engine.stream(request)) as deltas:
-                async for delta in deltas:
+            # Short messages go first; the queue orders before shaping, so it judges by length.
+            long = len(turn.text) > QUEUE_LONG_CHARS
+            priority = Priority.LONG if long else Priority.INTERACTIVE
+            async for item in self._wait_in_line(turn.thread_id, priority=priority):
+                if isinstance(item, Position):
+                    yield Queued(item)
+                else:
+                    lease = item
+        except (QueueTimeout, QueueFull):
+            retry = max(5, round(self._config.queue_wait_budget_s / 2))
+            yield Notice(NoticeKind.BUSY, BUSY_TEXT.format(retry=retry), float(retry))
+            yield Done(Outcome.REFUSED, None, Tier.BUSY, None, 0, False)
+            return
+        assert lease is not None
+        waited = time.monotonic() - waited_from
+        available = self._replicas()
+        tier = choose_tier(
+            queue_depth=await self._queue.depth(),
+            capacity=self._config.slots_per_replica * len(available),
+            load=self._pool.pressure(),
+            waited_fraction=waited / max(self._config.queue_wait_budget_s, 1e-9),
+        )
+        if tier is Tier.BUSY:
+            yield Notice(NoticeKind.BUSY, BUSY_TEXT.format(retry=10), 10.0)
+            yield Done(Outcome.REFUSED, lease.replica, tier, None, 0, False)
+            return
+        shaped = await self._shaper.shape(
+            turn.text,
+            history=past,
+            system_prompt=self._config.system_prompt,
+            tier=tier,
+            stream_override=turn.stream,
+        )
+        if shaped.condensed:
+            yield Notice(NoticeKind.CONDENSED, CONDENSED_TEXT)
+        if tier >= Tier.REDUCED:
+            yield Notice(NoticeKind.DEGRADED, DEGRADED_TEXT)
+        probe = (
+            asyncio.create_task(self._sentiment.classify(turn.text))
+            if self._sentiment is not None
+            else None
+        )
+        order = [lease.replica, *(u for u in available if u != lease.replica)]
+        parts: list[str] = []
+        started_at = time.monotonic()
+        try:
+            started = await self._start(shaped.request, order)
+            if probe is not None:
+                yield SentimentLabel(await probe)
+            if started.replica != lease.replica:  # failed over: pin the session where it is now
+                await self._slots.acquire(turn.thread_id, replicas=[started.replica])
+            async with contextlib.aclosing(started.rest) as rest:
+                if started.first:
+                    parts.append(started.first)
+                    yield Token(started.first)
+                async for delta in rest:
                     parts.append(delta)
-                    yield delta
-        except EngineUnavailable as exc:
-            status = await self._status.get(ENGINE_PROCESS)
-            if status is not None and status.state in (
-                ProcessState.RESTARTING,
-                ProcessState.STARTING,
-            ):
-                raise EngineRestarting(str(exc)) from exc
-            raise
+                    yield Token(delta)
         finally:
+            if probe is not None and not probe.done():
+                probe.cancel()
             if parts:
                 await self._history.append(
-                    thread_id,
-                    Message(role="user", content=text),
+                    turn.thread_id,
+                    Message(role="user", content=turn.text),
                     Message(role="assistant", content="".join(parts)),
                 )
+                await self._queue.record_turn(time.monotonic() - started_at)
+        outcome = Outcome.DEGRADED if tier >= Tier.REDUCED else Outcome.OK
+        yield Done(outcome, started.replica, tier, shaped.task, shaped.prompt_tokens, shaped.stream)
+
+    async def _start(self, request: ChatRequest, order: Sequence[str]) -> Started:
+        try:
+            return await self._pool.start(request, order=order)
+        except EngineUnavailable as exc:
+            for name in self._config.engine_processes:
+                status = await self._status.get(name)
+                if status is not None and status.state in (
+                    ProcessState.RESTARTING,
+                    ProcessState.STARTING,
+                ):
+                    raise EngineRestarting(str(exc)) from exc
+            raise
+
+    async def _wait_in_line(
+        self, thread_id: str, *, priority: int
+    ) -> AsyncGenerator[Position | Lease, None]:
+        """Positions while waiting, then the lease. Raises QueueTimeout, QueueFull."""
+        positions: asyncio.Queue[Position] = asyncio.Queue()
+
+        async def report(position: Position) -> None:
+            positions.put_nowait(position)
+
+        waiter = asyncio.create_task(
+            self._queue.wait_for_slot(
+                thread_id,
+                slots=self._slots,
+                replicas=self._replicas,
+                priority=priority,
+                budget_s=self._config.queue_wait_budget_s,
+                on_position=report,
+            )
+        )
+        try:
+            while not waiter.done():
+                getter = asyncio.create_task(positions.get())
+                done, _ = await asyncio.wait({waiter, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            yield waiter.result()
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()

@@ -115,8 +115,19 @@ class OpenAIEngine:
     """An `Engine` over the OpenAI chat-completions API. Safe to share between tasks; close with
     `aclose()` at shutdown."""
 
-    def __init__(self, *, base_url: str, api_key: str, model: str, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        model: str,
+        timeouts: Timeouts,
+        send_priority: bool = True,
+    ) -> None:
+        """`send_priority` False drops `priority` from requests: vLLM refuses any non-zero priority
+        unless it runs with `--scheduling-policy priority`."""
         self._base_url = base_url
+        self._send_priority = send_priority
         self._model = model
         self._timeouts = timeouts
         # Reads are unbounded here: the first-token, inter-token and total budgets bound them.
@@ -131,12 +142,15 @@ class OpenAIEngine:
         )
 
     @classmethod
-    def from_settings(cls, llm: LLMSettings, *, base_url: str) -> OpenAIEngine:
+    def from_settings(
+        cls, llm: LLMSettings, *, base_url: str, send_priority: bool = True
+    ) -> OpenAIEngine:
         return cls(
             base_url=base_url,
             api_key=llm.api_key.get_secret_value(),
             model=llm.model,
             timeouts=Timeouts.from_settings(llm),
+            send_priority=send_priority,
         )
 
     async def aclose(self) -> None:
@@ -204,8 +218,14 @@ class OpenAIEngine:
             "top_p": request.top_p,
             "presence_penalty": request.presence_penalty,
             "stop": list(request.stop) if request.stop else NOT_GIVEN,
-            "extra_body": request.body_extras() or None,
+            "extra_body": self._extras(request) or None,
         }
+
+    def _extras(self, request: ChatRequest) -> dict[str, object]:
+        extras = request.body_extras()
+        if not self._send_priority:
+            extras.pop("priority", None)
+        return extras
 
     def _engine_error(self, exc: openai.OpenAIError | httpx.HTTPError) -> EngineError:
         if isinstance(exc, openai.APITimeoutError):

@@ -78,6 +78,31 @@ def engine_base_url(settings: Settings) -> str:
     return f"http://{host}:{settings.engine.port}/v1"
 
 
+def engine_urls(settings: Settings) -> list[str]:
+    """The engine replicas to use: `serving.replicas`, else the one `engine_base_url`."""
+    if settings.serving.replicas:
+        return [url.rstrip("/") for url in settings.serving.replicas]
+    return [engine_base_url(settings)]
+
+
+def local_engine_settings(settings: Settings, *, count: int) -> list[Settings]:
+    """Settings for `count` local llama.cpp replicas on consecutive ports from `engine.port`.
+
+    Each replica gets an equal share of the cores (at least one thread).
+    """
+    threads = max(1, engine_threads(settings.engine) // count)
+    return [
+        settings.model_copy(
+            update={
+                "engine": settings.engine.model_copy(
+                    update={"port": settings.engine.port + i, "n_threads": threads}
+                )
+            }
+        )
+        for i in range(count)
+    ]
+
+
 async def wait_ready(base_url: str, *, timeout_s: float, process: Process | None = None) -> None:
     """Return once `GET {base_url}/models` answers 200 (the server has no /health).
 

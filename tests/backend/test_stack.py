@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -48,7 +49,17 @@ def test_ui_is_ready_when_healthz_answers(settings: Settings) -> None:
 
 def test_children_get_env(settings: Settings) -> None:
     env = {"QWEN_REDIS__URL": "unix:///tmp/redis.sock"}
-    assert all(child.env == env for child in plan(settings, env=env, model=MODEL).children)
+    children = plan(settings, env=env, model=MODEL).children
+    assert all(env.items() <= dict(child.env).items() for child in children)
+
+
+def test_ui_is_told_the_replicas(settings: Settings) -> None:
+    children = plan(settings, env={}, model=MODEL, engines=2).children
+    ui = next(child for child in children if child.name == "ui")
+    replicas = json.loads(ui.env["QWEN_SERVING__REPLICAS"])
+    engines = [child for child in children if child.name.startswith("engine")]
+    assert [c.name for c in engines] == ["engine-1", "engine-2"]
+    assert [c.ready_url.removesuffix("/models") for c in engines if c.ready_url] == replicas
 
 
 def test_logs_go_to_run_dir(settings: Settings) -> None:

@@ -147,7 +147,33 @@ async def fake_ui(
     process, ui, name = await _start_ui(
         engine_url=fake_engine_url, database_url=database_url,
         redis_url=_redis_db_url(redis_url, 4), state=tmp_path_factory.mktemp("ui-fake"),
-        extra_env={"QWEN_LLM__FIRST_TOKEN_TIMEOUT_S": "2", "QWEN_LLM__INTER_TOKEN_TIMEOUT_S": "2"},
+        extra_env={
+            "QWEN_LLM__FIRST_TOKEN_TIMEOUT_S": "2",
+            "QWEN_LLM__INTER_TOKEN_TIMEOUT_S": "2",
+            # exact-text tests script one reply per request; the probe and the warm-up would
+            # each take one
+            "QWEN_SERVING__SENTIMENT": "false",
+            "QWEN_SERVING__WARMUP": "false",
+        },
+    )  # fmt: skip
+    yield ui
+    _stop_ui(process, database_url, name)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def busy_ui(
+    fake_engine_url: str, database_url: str, redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[RunningUI]:  # fmt: skip
+    """chat_ui with one session slot in all, so a second conversation has to queue."""
+    process, ui, name = await _start_ui(
+        engine_url=fake_engine_url, database_url=database_url,
+        redis_url=_redis_db_url(redis_url, 5), state=tmp_path_factory.mktemp("ui-busy"),
+        extra_env={
+            "QWEN_SERVING__SLOTS_PER_REPLICA": "1",
+            "QWEN_SERVING__QUEUE_WAIT_BUDGET_S": "60",
+            "QWEN_SERVING__SENTIMENT": "false",
+        },
     )  # fmt: skip
     yield ui
     _stop_ui(process, database_url, name)

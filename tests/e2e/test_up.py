@@ -20,13 +20,15 @@ from tests.fixtures.engines import free_port
 pytestmark = pytest.mark.slow
 
 READY = re.compile(r"qwen-stack is up in [\d.]+s: (\S+)")
-STARTED = re.compile(r"started (\w+) \(pid (\d+)\)")
+STARTED = re.compile(r"started ([\w-]+) \(pid (\d+)\)")
 
 
 class Up:
     """One `qwen-stack up --model tiny` child; output goes to a file we scan."""
 
-    def __init__(self, state: Path, *, ui_port: int, engine_port: int) -> None:
+    def __init__(
+        self, state: Path, *, ui_port: int, engine_port: int, extra: tuple[str, ...] = ()
+    ) -> None:
         self.log = state / f"up-{time.monotonic_ns()}.log"
         env = {
             **os.environ,
@@ -37,7 +39,7 @@ class Up:
         }
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "backend.cli", "up", "--model", "tiny"],
+                [sys.executable, "-m", "backend.cli", "up", "--model", "tiny", *extra],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -129,3 +131,20 @@ def test_second_up_finds_first_data(tmp_path: Path, ports: tuple[int, int]) -> N
         assert "applied migrations" not in second.text()
     finally:
         assert second.interrupt() == 0
+
+
+def test_up_with_two_engines(tmp_path: Path) -> None:
+    ui_port, engine_port = free_port(), free_port()
+    while engine_port + 1 == ui_port:  # the replicas take two consecutive ports
+        engine_port = free_port()
+    up = Up(tmp_path, ui_port=ui_port, engine_port=engine_port, extra=("--engines", "2"))
+    try:
+        (url,) = up.wait_for(READY)
+        started = dict(up.wait_for(STARTED, count=3))
+        assert {"engine-1", "engine-2", "ui"} <= set(started)
+        for port in (engine_port, engine_port + 1):
+            models = httpx.get(f"http://127.0.0.1:{port}/v1/models", trust_env=False)
+            assert models.status_code == 200
+        assert httpx.get(url + "/readyz", trust_env=False).status_code == 200
+    finally:
+        assert up.interrupt() == 0

@@ -1,185 +1,241 @@
-"""ChatPipeline through a real OpenAIEngine on the scripted fake, with real Redis history."""
+"""ChatPipeline end to end on the scripted fake engine, with real Redis slots, queue and history."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
+from backend.chat.events import Done, Event, Notice, NoticeKind, Outcome, Queued, Token
 from backend.chat.history import History
-from backend.chat.pipeline import ENGINE_PROCESS, ChatPipeline, PipelineConfig, trim_history
-from backend.errors import EngineRestarting, EngineUnavailable
-from backend.serving.engine import Message, OpenAIEngine, Timeouts
+from backend.chat.pipeline import ChatPipeline, PipelineConfig, Turn
+from backend.chat.sentiment import Sentiment, SentimentProbe
+from backend.chat.shaping import Shaper, Tier
+from backend.config import LLMSettings, ServingSettings
+from backend.embedded import EmbeddedRedis
+from backend.errors import EngineRestarting, EngineUnavailable, RedisUnavailable
+from backend.serving.pool import EnginePool
+from backend.serving.queue import WaitQueue
+from backend.serving.slots import SlotTable
 from backend.serving.status import ProcessState, ProcessStatus, StatusBoard
+from backend.serving.tokenizer import EstimateTokenizer
+from chat_ui.runtime import PoolEngine
 from tests.fixtures.engines import FakeEngineHandle, free_port
 
 SYSTEM = "你是测试助手。"
-CONFIG = PipelineConfig(system_prompt=SYSTEM, max_tokens=256, temperature=0.0)
-TIMEOUTS = Timeouts(connect_s=2.0, first_token_s=5.0, inter_token_s=5.0, total_s=30.0)
+LLM = LLMSettings(first_token_timeout_s=2.0, inter_token_timeout_s=1.0, connect_timeout_s=1.0)
 
 
-def _user(text: str) -> Message:
-    return Message(role="user", content=text)
+@dataclass
+class Stack:
+    pipeline: ChatPipeline
+    slots: SlotTable
+    history: History
+    status: StatusBoard
+    pool: EnginePool
 
 
-def _assistant(text: str) -> Message:
-    return Message(role="assistant", content=text)
-
-
-def _engine_status(state: ProcessState) -> ProcessStatus:
-    return ProcessStatus(name=ENGINE_PROCESS, state=state, restarts=1, since=time.time())
-
-
-def _wire(*messages: Message) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+MakeStack = Callable[..., Stack]
 
 
 @pytest.fixture
-def history(redis_client: aioredis.Redis) -> History:
-    return History(redis_client, ttl_s=600, max_messages=40)
+async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
+    pools: list[EnginePool] = []
 
-
-@pytest.fixture
-def status(redis_client: aioredis.Redis) -> StatusBoard:
-    return StatusBoard(redis_client)
-
-
-MakePipeline = Callable[[str], ChatPipeline]
-
-
-@pytest.fixture
-async def make_pipeline(history: History, status: StatusBoard) -> AsyncIterator[MakePipeline]:
-    """Pipelines on an engine at a given base URL; their clients are closed after the test."""
-    engines: list[OpenAIEngine] = []
-
-    def make(base_url: str) -> ChatPipeline:
-        engines.append(
-            OpenAIEngine(base_url=base_url, api_key="EMPTY", model="qwen", timeouts=TIMEOUTS)
+    def make(
+        urls: list[str], *, capacity: int = 4, budget_s: float = 5.0, sentiment: bool = False,
+        client: aioredis.Redis | None = None,
+    ) -> Stack:  # fmt: skip
+        redis = client or redis_client
+        pool = EnginePool(urls, llm=LLM, serving=ServingSettings())
+        pools.append(pool)
+        slots = SlotTable(redis, capacity=capacity, ttl_s=60)
+        history = History(redis, ttl_s=600, max_messages=40)
+        status = StatusBoard(redis)
+        pipeline = ChatPipeline(
+            pool=pool,
+            slots=slots,
+            queue=WaitQueue(redis, max_depth=10, poll_s=0.05),
+            shaper=Shaper(tokenizer=EstimateTokenizer(), context_window=4096, max_tokens=256),
+            history=history,
+            status=status,
+            sentiment=SentimentProbe(PoolEngine(pool), timeout_s=2) if sentiment else None,
+            config=PipelineConfig(
+                system_prompt=SYSTEM, slots_per_replica=capacity, queue_wait_budget_s=budget_s
+            ),
         )
-        return ChatPipeline(engine=engines[-1], history=history, status=status, config=CONFIG)
+        return Stack(pipeline, slots, history, status, pool)
 
     yield make
-    for engine in engines:
-        await engine.aclose()
+    for pool in pools:
+        await pool.aclose()
 
 
-@pytest.fixture
-def pipeline(fake_engine: FakeEngineHandle, make_pipeline: MakePipeline) -> ChatPipeline:
-    return make_pipeline(fake_engine.base_url)
+async def run(pipeline: ChatPipeline, thread: str, text: str) -> list[Event]:
+    return [event async for event in pipeline.answer(Turn(thread_id=thread, text=text))]
 
 
-@pytest.fixture
-def down_pipeline(make_pipeline: MakePipeline) -> ChatPipeline:
-    """A pipeline whose engine URL has nothing listening."""
-    return make_pipeline(f"http://127.0.0.1:{free_port()}/v1")
+def text_of(events: list[Event]) -> str:
+    return "".join(e.text for e in events if isinstance(e, Token))
 
 
-async def _collect(pipeline: ChatPipeline, text: str, thread_id: str = "t1") -> list[str]:
-    return [delta async for delta in pipeline.answer(thread_id, text)]
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
-async def test_streams_exact_text(fake_engine: FakeEngineHandle, pipeline: ChatPipeline) -> None:
-    fake_engine.script([{"text": "你好，世界", "chunk_chars": 2}])
-    assert await _collect(pipeline, "你好") == ["你好", "，世", "界"]
-
-
-async def test_sends_system_prompt_first(
-    fake_engine: FakeEngineHandle, pipeline: ChatPipeline
-) -> None:
-    await _collect(pipeline, "你好")
-    assert fake_engine.log()[0]["body"]["messages"][0] == {"role": "system", "content": SYSTEM}
-
-
-async def test_exchange_is_appended(
-    fake_engine: FakeEngineHandle, pipeline: ChatPipeline, history: History
-) -> None:
-    fake_engine.script([{"text": "答一"}])
-    await _collect(pipeline, "问一")
-    assert await history.load("t1") == [_user("问一"), _assistant("答一")]
+async def test_streams_exact_text(fake_engine: FakeEngineHandle, make_stack: MakeStack) -> None:
+    fake_engine.script([{"text": "你好，我是测试回答。"}])
+    events = await run(make_stack([fake_engine.base_url]).pipeline, "t1", "你好")
+    assert text_of(events) == "你好，我是测试回答。"
+    assert isinstance(events[-1], Done) and events[-1].outcome is Outcome.OK
 
 
 async def test_next_turn_carries_context(
-    fake_engine: FakeEngineHandle, pipeline: ChatPipeline
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
 ) -> None:
-    fake_engine.script([{"text": "答一"}, {"text": "答二"}])
-    await _collect(pipeline, "问一")
-    await _collect(pipeline, "问二")
-    sent = fake_engine.log()[1]["body"]["messages"]
-    expected = (Message("system", SYSTEM), _user("问一"), _assistant("答一"), _user("问二"))
-    assert sent == _wire(*expected)
+    stack = make_stack([fake_engine.base_url])
+    fake_engine.script([{"text": "第一答"}, {"text": "第二答"}])
+    await run(stack.pipeline, "t1", "第一问")
+    await run(stack.pipeline, "t1", "第二问")
+    sent = fake_engine.log()[-1]["body"]["messages"]
+    assert sent[0]["role"] == "system" and sent[0]["content"].startswith(SYSTEM)
+    assert [m["content"] for m in sent[1:]] == ["第一问", "第一答", "第二问"]
 
 
-async def test_threads_do_not_share_context(
-    fake_engine: FakeEngineHandle, pipeline: ChatPipeline
+async def test_turn_returns_to_its_replica(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
 ) -> None:
-    await _collect(pipeline, "问一", thread_id="a")
-    await _collect(pipeline, "问二", thread_id="b")
-    sent = fake_engine.log()[1]["body"]["messages"]
-    assert sent == _wire(Message("system", SYSTEM), _user("问二"))
+    other = fake_engine.base_url.replace("127.0.0.1", "localhost")
+    stack = make_stack([fake_engine.base_url, other])
+    replicas = set()
+    for _ in range(3):
+        events = await run(stack.pipeline, "sticky", "你好")
+        done = events[-1]
+        assert isinstance(done, Done)
+        replicas.add(done.replica)
+    assert len(replicas) == 1
 
 
-def test_trim_keeps_newest_within_budget() -> None:
-    messages = [_user("u" * 10), _assistant("a" * 10), _user("v" * 10), _assistant("b" * 10)]
-    assert trim_history(messages, char_budget=20) == messages[2:]
-
-
-def test_trim_never_opens_on_assistant() -> None:
-    messages = [_user("u" * 10), _assistant("a" * 10), _user("v" * 10), _assistant("b" * 10)]
-    assert trim_history(messages, char_budget=30) == messages[2:]
-
-
-def test_trim_keeps_all_within_budget() -> None:
-    messages = [_user("u" * 10), _assistant("a" * 10)]
-    assert trim_history(messages, char_budget=1000) == messages
-
-
-async def test_restarting_engine_raises_restarting(
-    down_pipeline: ChatPipeline, status: StatusBoard
+async def test_sentiment_comes_before_answer(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
 ) -> None:
-    await status.publish(_engine_status(ProcessState.RESTARTING))
+    fake_engine.script([{"text": "正面"}, {"text": "正面"}])  # probe and answer, either order
+    events = await run(make_stack([fake_engine.base_url], sentiment=True).pipeline, "t", "太棒了")
+    kinds = [type(e).__name__ for e in events]
+    assert kinds.index("SentimentLabel") < kinds.index("Token")
+    label = next(e for e in events if type(e).__name__ == "SentimentLabel")
+    assert label.label is Sentiment.POSITIVE  # type: ignore[attr-defined]
+
+
+async def test_full_slots_queue_then_serve(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
+) -> None:
+    stack = make_stack([fake_engine.base_url], capacity=1, budget_s=10)
+    await run(stack.pipeline, "holder", "占住唯一的位置")
+
+    async def free_later() -> None:
+        await asyncio.sleep(0.5)
+        await stack.slots.release("holder")
+
+    releaser = asyncio.create_task(free_later())
+    events = await run(stack.pipeline, "waiter", "我在排队")
+    await releaser
+    assert isinstance(events[0], Queued) and events[0].position.position == 1
+    assert isinstance(events[-1], Done) and events[-1].outcome is not Outcome.REFUSED
+
+
+async def test_wait_budget_refuses_politely(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
+) -> None:
+    stack = make_stack([fake_engine.base_url], capacity=1, budget_s=0.5)
+    await run(stack.pipeline, "holder", "占住唯一的位置")
+    events = await run(stack.pipeline, "late", "还有位置吗")
+    notice = next(e for e in events if isinstance(e, Notice))
+    assert notice.kind is NoticeKind.BUSY and notice.retry_after_s
+    assert isinstance(events[-1], Done) and events[-1].outcome is Outcome.REFUSED
+    assert len(fake_engine.log()) == 1  # no engine call for the refused request
+
+
+async def test_long_wait_degrades(fake_engine: FakeEngineHandle, make_stack: MakeStack) -> None:
+    stack = make_stack([fake_engine.base_url], capacity=1, budget_s=3)
+    await run(stack.pipeline, "holder", "占住唯一的位置")
+
+    async def free_later() -> None:
+        await asyncio.sleep(2.0)
+        await stack.slots.release("holder")
+
+    releaser = asyncio.create_task(free_later())
+    events = await run(stack.pipeline, "waiter", "等了很久")
+    await releaser
+    assert any(isinstance(e, Notice) and e.kind is NoticeKind.DEGRADED for e in events)
+    done = events[-1]
+    assert isinstance(done, Done) and done.tier >= Tier.REDUCED
+
+
+async def test_failover_moves_the_lease(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
+) -> None:
+    dead = dead_url()
+    stack = make_stack([dead, fake_engine.base_url])
+    events = await run(stack.pipeline, "moved", "你好")
+    done = events[-1]
+    assert isinstance(done, Done) and done.replica == fake_engine.base_url
+    lease = await stack.slots.acquire("moved", replicas=[dead, fake_engine.base_url])
+    assert lease is not None and lease.replica == fake_engine.base_url
+
+
+async def test_restarting_engine_raises_restarting(make_stack: MakeStack) -> None:
+    stack = make_stack([dead_url()])
+    await stack.status.publish(
+        ProcessStatus(name="engine", state=ProcessState.RESTARTING, restarts=1, since=time.time())
+    )
     with pytest.raises(EngineRestarting):
-        await _collect(down_pipeline, "你好")
+        await run(stack.pipeline, "t", "你好")
 
 
-async def test_down_engine_raises_unavailable(down_pipeline: ChatPipeline) -> None:
-    with pytest.raises(EngineUnavailable) as caught:
-        await _collect(down_pipeline, "你好")
-    assert not isinstance(caught.value, EngineRestarting)
-
-
-async def test_running_status_does_not_claim_restart(
-    down_pipeline: ChatPipeline, status: StatusBoard
-) -> None:
-    await status.publish(_engine_status(ProcessState.RUNNING))
-    with pytest.raises(EngineUnavailable) as caught:
-        await _collect(down_pipeline, "你好")
-    assert not isinstance(caught.value, EngineRestarting)
-
-
-async def test_failed_turn_leaves_history(down_pipeline: ChatPipeline, history: History) -> None:
+async def test_down_engine_raises_unavailable(make_stack: MakeStack) -> None:
     with pytest.raises(EngineUnavailable):
-        await _collect(down_pipeline, "你好")
-    assert await history.load("t1") == []
+        await run(make_stack([dead_url()]).pipeline, "t", "你好")
 
 
-async def test_early_stop_records_partial(
-    fake_engine: FakeEngineHandle, pipeline: ChatPipeline, history: History
+async def test_early_stop_records_partial_and_aborts(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
 ) -> None:
-    fake_engine.script([{"text": "一二三四五六七八", "token_delay_s": 0.05}])
-    answer = pipeline.answer("t1", "数数")
-    first = await anext(answer)
+    stack = make_stack([fake_engine.base_url])
+    fake_engine.script([{"text": "一二三四五六七八九十" * 10, "token_delay_s": 0.05}])
+    answer = stack.pipeline.answer(Turn(thread_id="stop", text="长一点"))
+    async for event in answer:
+        if isinstance(event, Token):
+            break
     await answer.aclose()
-    assert await history.load("t1") == [_user("数数"), _assistant(first)]
+    log = await fake_engine.settled_log()
+    assert log[-1]["disconnected"] is True
+    past = await stack.history.load("stop")
+    assert [m.role for m in past] == ["user", "assistant"] and past[1].content.startswith("一")
 
 
-async def test_early_stop_aborts_upstream(
-    fake_engine: FakeEngineHandle, pipeline: ChatPipeline
+async def test_redis_restart_mid_conversation(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack, tmp_path: Path
 ) -> None:
-    fake_engine.script([{"text": "一二三四五六七八", "token_delay_s": 0.2}])
-    answer = pipeline.answer("t1", "数数")
-    await anext(answer)
-    await answer.aclose()
-    [exchange] = await fake_engine.settled_log()
-    assert exchange["disconnected"]
+    server = EmbeddedRedis(tmp_path / "redis")
+    client = aioredis.from_url(server.start(), socket_timeout=2)
+    try:
+        stack = make_stack([fake_engine.base_url], client=client)
+        fake_engine.script([{"text": "第一答"}, {"text": "第三答"}])
+        await run(stack.pipeline, "r", "第一问")
+        server.stop()
+        with pytest.raises(RedisUnavailable):
+            await run(stack.pipeline, "r", "第二问")
+        server.start()
+        events = await run(stack.pipeline, "r", "第三问")
+        assert text_of(events) == "第三答"
+        sent = fake_engine.log()[-1]["body"]["messages"]
+        assert [m["content"] for m in sent[1:]] == ["第一问", "第一答", "第三问"]
+    finally:
+        await client.aclose()
+        server.stop()

@@ -36,10 +36,11 @@ async def make_engine(fake_engine: FakeEngineHandle) -> AsyncIterator[MakeEngine
         first_token_s: float = 5.0,
         inter_token_s: float = 5.0,
         total_s: float = 30.0,
+        send_priority: bool = True,
     ) -> OpenAIEngine:
         timeouts = Timeouts(connect_s, first_token_s, inter_token_s, total_s)
         clients.append(OpenAIEngine(base_url=base_url, api_key="EMPTY", model="qwen",
-                                    timeouts=timeouts))  # fmt: skip
+                                    timeouts=timeouts, send_priority=send_priority))  # fmt: skip
         return clients[-1]
 
     yield make
@@ -94,6 +95,13 @@ async def test_sends_sampling_parameters(
 async def test_priority_sent_when_set(fake_engine: FakeEngineHandle, engine: OpenAIEngine) -> None:
     await _collect(engine, replace(HELLO, priority=-1))
     assert fake_engine.log()[0]["body"]["priority"] == -1
+
+
+async def test_priority_dropped_when_engine_lacks_priority_scheduling(
+    fake_engine: FakeEngineHandle, make_engine: MakeEngine
+) -> None:
+    await _collect(make_engine(send_priority=False), replace(HELLO, priority=-1))
+    assert "priority" not in fake_engine.log()[0]["body"]
 
 
 async def test_priority_absent_when_unset(

@@ -1,0 +1,58 @@
+"""What the conversation pipeline tells the UI while it answers, in order of appearance:
+Queued* → Sentiment? → Notice* → Token* → Done. The UI renders each; it decides nothing."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from backend.chat.sentiment import Sentiment
+from backend.chat.shaping import Task, Tier
+from backend.serving.queue import Position
+
+
+class NoticeKind(enum.StrEnum):
+    CONDENSED = "condensed"  # the input was too long; its middle was condensed
+    DEGRADED = "degraded"  # under load: a shorter answer
+    BUSY = "busy"  # no answer now; retry later
+
+
+class Outcome(enum.StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: Position
+
+
+@dataclass(frozen=True)
+class SentimentLabel:
+    label: Sentiment
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: NoticeKind
+    text: str
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    outcome: Outcome
+    replica: str | None
+    tier: Tier
+    task: Task | None
+    prompt_tokens: int
+    streamed: bool
+
+
+Event = Queued | SentimentLabel | Notice | Token | Done

@@ -1,0 +1,298 @@
+"""The engine replicas one chat_ui process talks to: health, load, circuit breakers, failover.
+
+Each replica is an OpenAI-compatible base URL (vLLM, the llama.cpp server, anything). A background
+loop probes every replica's `/models` and, where the server exposes them (vLLM), reads
+`vllm:num_requests_waiting`, `vllm:num_requests_running` and `vllm:gpu_cache_usage_perc` from
+`/metrics` at the server root. A replica is *available* when its last probe succeeded and its
+circuit breaker lets requests through.
+
+`start()` opens a stream and returns only once the first token has arrived, trying the replicas in
+the caller's order: failover happens before the first token and never after it, so a user never
+sees an answer restart on another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from backend.config import LLMSettings, ServingSettings
+from backend.errors import (
+    EngineError,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+    TimeoutPhase,
+)
+from backend.serving.engine import ChatRequest, OpenAIEngine
+
+logger = logging.getLogger(__name__)
+
+_VLLM_GAUGES = {
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:num_requests_running": "running",
+    "vllm:gpu_cache_usage_perc": "kv_cache_usage",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage",  # newer vLLM name
+}
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Opens after `failures` consecutive failures; after `reset_s` lets one trial through
+    (half-open): its success closes the breaker, its failure opens it again. Not thread-safe;
+    used from one event loop."""
+
+    def __init__(
+        self, *, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._threshold = failures
+        self._reset_s = reset_s
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial_out = False
+
+    @property
+    def state(self) -> BreakerState:
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self._clock() - self._opened_at >= self._reset_s:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    def allow(self) -> bool:
+        """Whether a request may go to this replica now (claims the half-open trial)."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and not self._trial_out:
+            self._trial_out = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self._failures, self._opened_at, self._trial_out = 0, None, False
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        self._trial_out = False
+        if self._opened_at is not None or self._failures >= self._threshold:
+            self._opened_at = self._clock()
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What the engine says about itself; None where it does not say (llama.cpp)."""
+
+    waiting: float | None = None
+    running: float | None = None
+    kv_cache_usage: float | None = None  # 0..1
+
+
+@dataclass(frozen=True)
+class Started:
+    """A stream whose first token has arrived."""
+
+    replica: str
+    first: str
+    rest: AsyncGenerator[str, None]
+
+
+class _Replica:
+    def __init__(self, url: str, engine: OpenAIEngine, breaker: CircuitBreaker) -> None:
+        self.url = url
+        self.engine = engine
+        self.breaker = breaker
+        self.healthy = True  # optimistic until the first probe says otherwise
+        self.load = ReplicaLoad()
+
+
+def parse_vllm_metrics(text: str) -> ReplicaLoad:
+    """Sum the vLLM gauges we route on over all label sets of a Prometheus text page."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        field = _VLLM_GAUGES.get(name)
+        if field is None:
+            continue
+        with contextlib.suppress(ValueError, IndexError):
+            value = float(line.rsplit(" ", 1)[1])
+            values[field] = values.get(field, 0.0) + value
+    return ReplicaLoad(**values)
+
+
+class EnginePool:
+    """Replicas by base URL. Build at start-up, `run_health_checks()` as a task, `aclose()` at end."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        llm: LLMSettings,
+        serving: ServingSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not urls:
+            raise ValueError("an engine pool needs at least one replica URL")
+        self._serving = serving
+        self._replicas = {
+            url: _Replica(
+                url,
+                OpenAIEngine.from_settings(
+                    llm, base_url=url, send_priority=serving.priority_scheduling
+                ),
+                CircuitBreaker(
+                    failures=serving.breaker_failures,
+                    reset_s=serving.breaker_reset_s,
+                    clock=clock,
+                ),
+            )
+            for url in dict.fromkeys(u.rstrip("/") for u in urls)
+        }
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(3.0), trust_env=False)
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self._replicas)
+
+    def available(self) -> list[str]:
+        """Healthy replicas whose breaker is not open, in configuration order."""
+        return [
+            r.url
+            for r in self._replicas.values()
+            if r.healthy and r.breaker.state is not BreakerState.OPEN
+        ]
+
+    def load(self, url: str) -> ReplicaLoad:
+        return self._replicas[url].load
+
+    def breaker_state(self, url: str) -> BreakerState:
+        return self._replicas[url].breaker.state
+
+    def pressure(self) -> ReplicaLoad:
+        """The busiest signals across available replicas (None where no replica reports)."""
+        loads = [self._replicas[u].load for u in self.available()]
+        waiting = [x.waiting for x in loads if x.waiting is not None]
+        kv = [x.kv_cache_usage for x in loads if x.kv_cache_usage is not None]
+        return ReplicaLoad(
+            waiting=sum(waiting) if waiting else None,
+            kv_cache_usage=max(kv) if kv else None,
+        )
+
+    async def probe(self, url: str) -> bool:
+        """Probe one replica now; updates its health and load. Never raises."""
+        replica = self._replicas[url]
+        try:
+            response = await self._http.get(url + "/models")
+            healthy = response.status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        if healthy != replica.healthy:
+            logger.warning("engine %s is now %s", url, "healthy" if healthy else "unhealthy")
+        replica.healthy = healthy
+        if healthy:
+            replica.load = await self._read_metrics(url)
+        return healthy
+
+    async def _read_metrics(self, url: str) -> ReplicaLoad:
+        root = url.removesuffix("/v1")
+        try:
+            response = await self._http.get(root + "/metrics")
+        except httpx.HTTPError:
+            return ReplicaLoad()
+        if response.status_code != 200 or "vllm:" not in response.text:
+            return ReplicaLoad()
+        return parse_vllm_metrics(response.text)
+
+    async def run_health_checks(self) -> None:
+        """Probe every replica every `health_interval_s` until cancelled."""
+        while True:
+            await asyncio.gather(*(self.probe(url) for url in self._replicas))
+            await asyncio.sleep(self._serving.health_interval_s)
+
+    async def start(self, request: ChatRequest, *, order: Sequence[str]) -> Started:
+        """Stream `request` from the first replica in `order` that produces a first token.
+
+        Replicas whose breaker is open are skipped. Connection failures, 5xx, and connect or
+        first-token timeouts move on to the next replica; a 4xx (the request itself is bad) does
+        not. Raises the last EngineError when no replica produced a first token.
+        """
+        last: EngineError = EngineUnavailable("no engine replica is available")
+        for url in order:
+            replica = self._replicas.get(url)
+            if replica is None or not replica.breaker.allow():
+                continue
+            stream = replica.engine.stream(request)
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                replica.breaker.record_success()
+                return Started(replica=url, first="", rest=_empty())
+            except EngineRejected:
+                replica.breaker.record_success()  # the replica is fine; the request is not
+                raise
+            except (EngineUnavailable, EngineTimeout) as exc:
+                await stream.aclose()
+                if isinstance(exc, EngineTimeout) and exc.phase not in (
+                    TimeoutPhase.CONNECT,
+                    TimeoutPhase.FIRST_TOKEN,
+                ):
+                    raise
+                replica.breaker.record_failure()
+                logger.warning("engine %s failed before the first token; trying the next", url)
+                last = exc
+                continue
+            except BaseException:
+                await stream.aclose()
+                raise
+            return Started(replica=url, first=first, rest=self._tracked(replica, stream))
+        raise last
+
+    @staticmethod
+    async def _tracked(
+        replica: _Replica, stream: AsyncGenerator[str, None]
+    ) -> AsyncGenerator[str, None]:
+        """The rest of a stream; its outcome feeds the replica's breaker."""
+        try:
+            async for delta in stream:
+                yield delta
+        except (EngineUnavailable, EngineTimeout):
+            replica.breaker.record_failure()
+            raise
+        finally:
+            await stream.aclose()
+        replica.breaker.record_success()
+
+    async def warm_up(self, url: str, request: ChatRequest) -> None:
+        """Prefill `request` (max_tokens 1) on `url` so its prefix cache holds it. Never raises."""
+        replica = self._replicas.get(url)
+        if replica is None:
+            return
+        with contextlib.suppress(EngineError):
+            async with contextlib.aclosing(replica.engine.stream(request)) as stream:
+                async for _ in stream:
+                    pass
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        for replica in self._replicas.values():
+            await replica.engine.aclose()
+
+
+async def _empty() -> AsyncGenerator[str, None]:
+    return
+    yield  # pragma: no cover - makes this an async generator

@@ -1,0 +1,66 @@
+"""Serving behaviour a user sees: the queue, sentiment before the answer, disconnect aborts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from playwright.async_api import Browser, Page
+
+from tests.e2e.conftest import RunningUI, login
+from tests.e2e.test_chat import ANSWER, POLL_S, answer_text, send, wait_answer_done
+from tests.fixtures.engines import FakeEngineHandle
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+async def test_second_conversation_sees_its_place_in_line(
+    browser: Browser, busy_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    fake_engine.script([{"text": "慢" * 60, "token_delay_s": 0.05}, {"text": "轮到我了"}])
+    first = await browser.new_context(locale="zh-CN")
+    second = await browser.new_context(locale="zh-CN")
+    try:
+        holder, waiter = await first.new_page(), await second.new_page()
+        await login(holder, busy_ui)
+        await send(holder, "我先占住唯一的位置")
+        await holder.wait_for_selector(ANSWER, timeout=30_000)
+        await login(waiter, busy_ui)
+        await send(waiter, "我在排队吗")
+        await waiter.get_by_text("排队中").wait_for(timeout=30_000)
+        await first.close()  # the holder leaves: its slot frees and the waiter is served
+        assert await wait_answer_done(waiter) == "轮到我了"
+        assert await waiter.get_by_text("排队中").count() == 0
+    finally:
+        await second.close()
+
+
+async def test_closing_the_page_aborts_the_engine_request(
+    browser: Browser, fake_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    text = "长" * 400
+    fake_engine.script([{"text": text, "token_delay_s": 0.05}])
+    context = await browser.new_context(locale="zh-CN")
+    page = await context.new_page()
+    await login(page, fake_ui)
+    await send(page, "写一篇很长的文章")
+    for _ in range(400):
+        if len(await answer_text(page)) >= 5:
+            break
+        await asyncio.sleep(POLL_S)
+    await context.close()
+    log = await fake_engine.settled_log()
+    assert log[-1]["disconnected"] is True
+    assert log[-1]["chunks_sent"] < len(text)
+
+
+async def test_sentiment_label_shows_before_the_answer(page: Page, llama_ui: RunningUI) -> None:
+    await login(page, llama_ui)
+    await send(page, "今天天气真好，我很开心！")
+    await wait_answer_done(page)
+    label = page.get_by_text("情感：").first
+    await label.wait_for(timeout=15_000)
+    answer = page.locator(ANSWER).last
+    label_box, answer_box = await label.bounding_box(), await answer.bounding_box()
+    assert label_box is not None and answer_box is not None
+    assert label_box["y"] < answer_box["y"]

@@ -22,6 +22,7 @@ from backend.chat.shaping import Shaper
 from backend.config import Settings
 from backend.db import migrate, open_pool
 from backend.errors import ConfigError
+from backend.metrics import Metrics
 from backend.serving.engine import ChatRequest
 from backend.serving.launcher import engine_urls
 from backend.serving.pool import EnginePool
@@ -61,6 +62,7 @@ class Runtime:
     pipeline: ChatPipeline
     data_layer: PostgresDataLayer
     tokenizer: EngineTokenizer
+    metrics: Metrics
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -93,7 +95,9 @@ class Runtime:
             if serving.sentiment
             else None
         )
+        metrics = Metrics()
         pipeline = ChatPipeline(
+            metrics=metrics,
             pool=engines,
             slots=SlotTable(redis, capacity=serving.slots_per_replica, ttl_s=serving.lease_ttl_s),
             queue=WaitQueue(redis, max_depth=serving.queue_max_depth),
@@ -117,7 +121,7 @@ class Runtime:
         runtime = cls(
             settings=settings, pool=pool, redis=redis, engines=engines, users=users,
             history=history, status=status, pipeline=pipeline,
-            data_layer=PostgresDataLayer(pool, users), tokenizer=tokenizer,
+            data_layer=PostgresDataLayer(pool, users), tokenizer=tokenizer, metrics=metrics,
         )  # fmt: skip
         runtime._tasks.append(asyncio.create_task(engines.run_health_checks()))
         return runtime

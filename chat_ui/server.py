@@ -13,9 +13,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from backend.config import Settings, export_chainlit_env
+from backend.serving.pool import BreakerState
 from chat_ui import runtime as runtime_module
 from chat_ui.runtime import Runtime
 
@@ -75,6 +77,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             checks["database"] = "down"
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse(checks, status_code=200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        rt = runtime_module.current()
+        for url in rt.engines.urls:
+            rt.metrics.engine_up.labels(url).set(1 if url in rt.engines.available() else 0)
+            open_ = rt.engines.breaker_state(url) is BreakerState.OPEN
+            rt.metrics.breaker_open.labels(url).set(1 if open_ else 0)
+        return Response(rt.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     mount_chainlit(app, target=str(APP_ROOT / "chat_ui" / "app.py"), path=CHAT_PATH)
     return app

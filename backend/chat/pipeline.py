@@ -30,7 +30,14 @@ from backend.chat.events import (
 from backend.chat.history import History
 from backend.chat.sentiment import SentimentProbe
 from backend.chat.shaping import Priority, Shaper, Tier
-from backend.errors import EngineRestarting, EngineUnavailable, QueueFull, QueueTimeout
+from backend.errors import (
+    EngineRestarting,
+    EngineTimeout,
+    EngineUnavailable,
+    QueueFull,
+    QueueTimeout,
+)
+from backend.metrics import Metrics
 from backend.serving.degrade import choose_tier
 from backend.serving.engine import ChatRequest, Message
 from backend.serving.pool import EnginePool, Started
@@ -76,6 +83,7 @@ class ChatPipeline:
         status: StatusBoard,
         sentiment: SentimentProbe | None,
         config: PipelineConfig,
+        metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
         self._slots = slots
@@ -85,6 +93,7 @@ class ChatPipeline:
         self._status = status
         self._sentiment = sentiment
         self._config = config
+        self._metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
 
     async def prepare(self, thread_id: str) -> Lease | None:
@@ -117,6 +126,35 @@ class ChatPipeline:
         return self._pool.available()
 
     async def answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
+        """Yield the events of one answer (see `_answer`), counted in the metrics."""
+        started, first_at, outcome = time.monotonic(), None, "error"
+        metrics = self._metrics
+        try:
+            async with contextlib.aclosing(self._answer(turn)) as events:
+                async for event in events:
+                    if isinstance(event, Token) and first_at is None:
+                        first_at = time.monotonic()
+                        if metrics is not None:
+                            metrics.ttft.observe(first_at - started)
+                    elif isinstance(event, Done):
+                        outcome = event.outcome.value
+                        if metrics is not None:
+                            metrics.tier.labels(event.tier.name.lower()).inc()
+                            metrics.tokens.inc(event.prompt_tokens)
+                    yield event
+        except EngineTimeout:
+            outcome = "timeout"
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "aborted"
+            raise
+        finally:
+            if metrics is not None:
+                metrics.requests.labels(outcome).inc()
+                if first_at is not None:
+                    metrics.latency.observe(time.monotonic() - started)
+
+    async def _answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
         """Yield the events of one answer.
 
         Raises RedisUnavailable, EngineError (EngineRestarting while the supervisor restarts the
@@ -145,8 +183,12 @@ class ChatPipeline:
         assert lease is not None
         waited = time.monotonic() - waited_from
         available = self._replicas()
+        depth = await self._queue.depth()
+        if self._metrics is not None:
+            self._metrics.queue_wait.observe(waited)
+            self._metrics.queue_depth.set(depth)
         tier = choose_tier(
-            queue_depth=await self._queue.depth(),
+            queue_depth=depth,
             capacity=self._config.slots_per_replica * len(available),
             load=self._pool.pressure(),
             waited_fraction=waited / max(self._config.queue_wait_budget_s, 1e-9),
@@ -180,6 +222,8 @@ class ChatPipeline:
                 yield SentimentLabel(await probe)
             if started.replica != lease.replica:  # failed over: pin the session where it is now
                 await self._slots.acquire(turn.thread_id, replicas=[started.replica])
+                if self._metrics is not None:
+                    self._metrics.failovers.inc()
             async with contextlib.aclosing(started.rest) as rest:
                 if started.first:
                     parts.append(started.first)

@@ -91,6 +91,8 @@ def test_up_serves_restarts_engine_and_stops(tmp_path: Path, ports: tuple[int, i
             "database": "ok",
         }
         assert login_status(url, "admin", "admin123") == 200
+        metrics = httpx.get(url + "/metrics", trust_env=False).text
+        assert 'qwen_engine_up{replica="http://127.0.0.1:' in metrics
         assert login_status(url, "admin", "wrong-password") == 401
         engine_pid = int(dict(up.wait_for(STARTED, count=2))["engine"])
         os.kill(engine_pid, signal.SIGKILL)

@@ -18,7 +18,8 @@ from backend.chat.sentiment import Sentiment, SentimentProbe
 from backend.chat.shaping import Shaper, Tier
 from backend.config import LLMSettings, ServingSettings
 from backend.embedded import EmbeddedRedis
-from backend.errors import EngineRestarting, EngineUnavailable, RedisUnavailable
+from backend.errors import EngineRestarting, EngineTimeout, EngineUnavailable, RedisUnavailable
+from backend.metrics import Metrics
 from backend.serving.pool import EnginePool
 from backend.serving.queue import WaitQueue
 from backend.serving.slots import SlotTable
@@ -38,6 +39,7 @@ class Stack:
     history: History
     status: StatusBoard
     pool: EnginePool
+    metrics: Metrics
 
 
 MakeStack = Callable[..., Stack]
@@ -57,7 +59,9 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
         slots = SlotTable(redis, capacity=capacity, ttl_s=60)
         history = History(redis, ttl_s=600, max_messages=40)
         status = StatusBoard(redis)
+        metrics = Metrics()
         pipeline = ChatPipeline(
+            metrics=metrics,
             pool=pool,
             slots=slots,
             queue=WaitQueue(redis, max_depth=10, poll_s=0.05),
@@ -69,7 +73,7 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
                 system_prompt=SYSTEM, slots_per_replica=capacity, queue_wait_budget_s=budget_s
             ),
         )
-        return Stack(pipeline, slots, history, status, pool)
+        return Stack(pipeline, slots, history, status, pool, metrics)
 
     yield make
     for pool in pools:
@@ -239,3 +243,34 @@ async def test_redis_restart_mid_conversation(
     finally:
         await client.aclose()
         server.stop()
+
+
+def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    value = metrics.registry.get_sample_value(name, labels or {})
+    return value or 0.0
+
+
+async def test_metrics_count_outcome_tier_and_ttft(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
+) -> None:
+    stack = make_stack([fake_engine.base_url])
+    await run(stack.pipeline, "m", "你好")
+    assert sample(stack.metrics, "qwen_requests_total", {"outcome": "ok"}) == 1
+    assert sample(stack.metrics, "qwen_degradation_tier_total", {"tier": "normal"}) == 1
+    assert sample(stack.metrics, "qwen_time_to_first_token_seconds_count") == 1
+
+
+async def test_metrics_count_refusals(fake_engine: FakeEngineHandle, make_stack: MakeStack) -> None:
+    stack = make_stack([fake_engine.base_url], capacity=1, budget_s=0.3)
+    await run(stack.pipeline, "holder", "占位")
+    await run(stack.pipeline, "late", "还有位置吗")
+    assert sample(stack.metrics, "qwen_requests_total", {"outcome": "refused"}) == 1
+    assert sample(stack.metrics, "qwen_degradation_tier_total", {"tier": "busy"}) == 1
+
+
+async def test_metrics_count_timeouts(fake_engine: FakeEngineHandle, make_stack: MakeStack) -> None:
+    stack = make_stack([fake_engine.base_url])
+    fake_engine.script([{"text": "卡住", "stall_after": 1}])
+    with pytest.raises(EngineTimeout):
+        await run(stack.pipeline, "slow", "你好")
+    assert sample(stack.metrics, "qwen_requests_total", {"outcome": "timeout"}) == 1

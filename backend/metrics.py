@@ -1,0 +1,63 @@
+"""Every Prometheus metric of qwen-stack, in one place.
+
+One `Metrics` per process, built at start-up on its own registry (no global state), exposed at
+`/metrics`. Labels are small fixed sets (outcome, tier, replica from configuration) -- never a user
+or session id. Latency buckets are sized for LLM answers (tens of ms to a minute).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+NAMESPACE = "qwen"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "requests", "Chat requests by outcome.", ["outcome"], namespace=NAMESPACE, registry=r
+        )
+        self.tier = Counter(
+            "degradation_tier", "Answers by degradation tier.", ["tier"], namespace=NAMESPACE,
+            registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "time_to_first_token_seconds", "From the message to the first answer token.",
+            namespace=NAMESPACE, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "answer_seconds", "From the message to the last answer token.",
+            namespace=NAMESPACE, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "queue_wait_seconds", "Time spent waiting for a session slot.",
+            namespace=NAMESPACE, buckets=WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "queue_depth", "Requests waiting for a session slot (last seen).",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.failovers = Counter(
+            "engine_failovers", "Requests moved to another replica before the first token.",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.engine_up = Gauge(
+            "engine_up", "1 when the replica answers its health probe.", ["replica"],
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.breaker_open = Gauge(
+            "engine_breaker_open", "1 when the replica's circuit breaker is open.", ["replica"],
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "prompt_tokens", "Prompt tokens sent to the engines.", namespace=NAMESPACE,
+            registry=r,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -274,3 +276,32 @@ async def test_metrics_count_timeouts(fake_engine: FakeEngineHandle, make_stack:
     with pytest.raises(EngineTimeout):
         await run(stack.pipeline, "slow", "你好")
     assert sample(stack.metrics, "qwen_requests_total", {"outcome": "timeout"}) == 1
+
+
+async def test_killed_replica_sends_conversations_elsewhere(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
+) -> None:
+    port = free_port()
+    doomed = subprocess.Popen(
+        [sys.executable, "-m", "backend.devtools.fake_engine", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    doomed_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        stack = make_stack([doomed_url, fake_engine.base_url])
+        for _ in range(200):
+            if await stack.pool.probe(doomed_url):
+                break
+            await asyncio.sleep(0.05)
+        first = await run(stack.pipeline, "a", "你好")
+        assert isinstance(first[-1], Done) and first[-1].replica == doomed_url
+        doomed.kill()
+        doomed.wait()
+        await stack.pool.probe(doomed_url)  # the health loop would notice within its interval
+        new = await run(stack.pipeline, "b", "新的对话")
+        again = await run(stack.pipeline, "a", "还在吗")
+    finally:
+        doomed.kill()
+        doomed.wait()
+    assert isinstance(new[-1], Done) and new[-1].replica == fake_engine.base_url
+    assert isinstance(again[-1], Done) and again[-1].replica == fake_engine.base_url

@@ -64,3 +64,17 @@ async def test_sentiment_label_shows_before_the_answer(page: Page, llama_ui: Run
     label_box, answer_box = await label.bounding_box(), await answer.bounding_box()
     assert label_box is not None and answer_box is not None
     assert label_box["y"] < answer_box["y"]
+
+
+async def test_stream_setting_turns_streaming_off(
+    page: Page, fake_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    fake_engine.script([{"text": "整段返回的回答"}])
+    await login(page, fake_ui)
+    await page.click("#chat-settings-open-modal")
+    await page.click("#stream")
+    await page.get_by_role("option", name="关").click()
+    await page.get_by_role("button", name="确认").click()
+    await send(page, "你好")
+    assert await wait_answer_done(page) == "整段返回的回答"
+    assert fake_engine.log()[-1]["body"]["stream"] is False

@@ -53,7 +53,7 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
 
     def make(
         urls: list[str], *, capacity: int = 4, budget_s: float = 5.0, sentiment: bool = False,
-        client: aioredis.Redis | None = None,
+        client: aioredis.Redis | None = None, warmup: bool = False,
     ) -> Stack:  # fmt: skip
         redis = client or redis_client
         pool = EnginePool(urls, llm=LLM, serving=ServingSettings())
@@ -72,7 +72,10 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
             status=status,
             sentiment=SentimentProbe(PoolEngine(pool), timeout_s=2) if sentiment else None,
             config=PipelineConfig(
-                system_prompt=SYSTEM, slots_per_replica=capacity, queue_wait_budget_s=budget_s
+                system_prompt=SYSTEM,
+                slots_per_replica=capacity,
+                queue_wait_budget_s=budget_s,
+                warmup=warmup,
             ),
         )
         return Stack(pipeline, slots, history, status, pool, metrics)
@@ -305,3 +308,28 @@ async def test_killed_replica_sends_conversations_elsewhere(
         doomed.wait()
     assert isinstance(new[-1], Done) and new[-1].replica == fake_engine.base_url
     assert isinstance(again[-1], Done) and again[-1].replica == fake_engine.base_url
+
+
+async def test_warm_up_prefills_system_prompt_on_the_leased_replica(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
+) -> None:
+    stack = make_stack([fake_engine.base_url], warmup=True)
+    lease = await stack.pipeline.prepare("warm")
+    assert lease is not None and lease.new
+    log = await fake_engine.settled_log()
+    for _ in range(100):
+        if log:
+            break
+        await asyncio.sleep(0.05)
+        log = await fake_engine.settled_log()
+    body = log[0]["body"]
+    assert body["max_tokens"] == 1
+    assert body["messages"] == [{"role": "system", "content": SYSTEM}]
+
+
+async def test_no_warm_up_takes_no_slot(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
+) -> None:
+    stack = make_stack([fake_engine.base_url])
+    assert await stack.pipeline.prepare("cold") is None
+    assert await stack.slots.occupancy([fake_engine.base_url]) == {fake_engine.base_url: 0}

@@ -137,6 +137,12 @@ class GuardSettings(BaseModel):
     lexicon_dir: Path | None = Field(
         None, description="folder of lexicon files; unset: the built-in sample lexicon"
     )
+    reload_interval_s: float = Field(
+        5.0, description="seconds between checks of the lexicon files for changes"
+    )
+    stream_batch_chars: int = Field(
+        16, description="characters the answer filter gathers before it scans and releases text"
+    )
 
 
 class UISettings(BaseModel):

@@ -1,0 +1,284 @@
+"""Multi-pattern matching of a compiled lexicon against normalised text.
+
+`Matcher` is immutable once built and safe to share between threads and tasks. A match is found by
+Aho-Corasick on the normalised text (`backend/guard/normalize.py`), then kept only if:
+
+- its letters lie at most `MAX_GAP` dropped characters apart in the original text (so `微【】信`
+  matches 微信, but two words a sentence apart do not), which also bounds how long a match can be in
+  the original text: `stretch(n) = n + (n - 1) * MAX_GAP` characters for an n-letter word;
+- a word starting (ending) with an ASCII letter or digit is not glued to another one in the
+  original (`vx` does not match inside `reviewx`, while `w e i x i n` matches weixin);
+- no allow-list occurrence covers it (longest match wins: 微信支付 covers 微信);
+- for `word` entries, jieba puts word boundaries at both of its ends (大麻 in 吸大麻, not in 大麻烦).
+  Segmentation is the slow part, so it runs only around such candidate matches.
+
+pyahocorasick searches nodes' children linearly, so with a 10k-word Chinese lexicon its root has
+thousands of children and a search crawls (~0.5 µs per character). The automaton is therefore built
+over UTF-8 bytes (carried in latin-1 strings): at most a few dozen children per node, and UTF-8 is
+self-synchronising, so byte matches are whole-character matches. Even so the scan costs ~25 ns per
+byte (its nodes are scattered in memory and it walks failure links on every byte); it is most of
+the guard's time, and the reason `bench/guard.py` stays below 50x jieba.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import ahocorasick
+
+from backend.errors import LexiconError
+from backend.guard.lexicon import Entry, Lexicon, Severity
+from backend.guard.normalize import normalize, spellings
+from backend.guard.segment import Segmenter
+from backend.guard.verdict import CLEAN, Hit, Verdict, apply_mask, verdict
+
+MAX_GAP = 3  # dropped characters allowed between two letters of a match, in the original text
+_SEGMENT_CONTEXT = 12  # normalised characters of context on each side when segmenting
+
+
+def stretch(letters: int) -> int:
+    """Longest original span of a match of `letters` normalised characters."""
+    return letters + (letters - 1) * MAX_GAP if letters else 0
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One compiled lexicon (or allow-list, `entry` None) word."""
+
+    entry: Entry | None
+    length: int  # normalised characters
+    ascii_start: bool
+    ascii_end: bool
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    start: int  # normalised, [start, end)
+    end: int
+    pattern: Pattern
+
+
+class Track(Protocol):
+    """Normalised text addressed by absolute index, with the way back to the original."""
+
+    def char(self, index: int) -> str:
+        """The normalised character, or "" outside what the track holds."""
+        ...
+
+    def origin(self, index: int) -> int: ...
+
+
+class Matcher:
+    """A compiled lexicon: build once, share freely. Building takes ~0.5 s per 10k words, plus
+    ~0.5 s for the character tables the first time in a process. Raises LexiconError for a word
+    that normalises to nothing."""
+
+    def __init__(self, lexicon: Lexicon, *, segmenter: Segmenter) -> None:
+        self._segmenter = segmenter
+        self.patterns: list[Pattern] = []
+        keys: dict[str, list[int]] = {}
+        owners: list[Entry | None] = [*lexicon.entries, *(None for _ in lexicon.allow)]
+        words = [entry.word for entry in lexicon.entries] + list(lexicon.allow)
+        for owner, word, forms in zip(owners, words, spellings(words), strict=True):
+            if not forms[0]:
+                raise LexiconError(f"{word!r} has no letters or digits left after normalisation")
+            for key in forms:
+                keys.setdefault(key, []).append(len(self.patterns))
+                self.patterns.append(Pattern(owner, len(key), _ascii(key[0]), _ascii(key[-1])))
+        self.automaton = ahocorasick.Automaton()
+        for key, indices in keys.items():
+            self.automaton.add_word(_latin(key), tuple(indices))
+        self.automaton.make_automaton()
+        self.max_allow = max((p.length for p in self.patterns if p.entry is None), default=0)
+        allow_keys = [key for key in keys if any(self.patterns[i].entry is None for i in keys[key])]
+        self.hold_chars = stretch(self._longest_stream_word(allow_keys)) + 1
+        """Characters the stream filter holds back: the longest original span of a block/mask
+        word or of an allow-list entry that contains one, plus one for the boundary check."""
+
+    def check(self, text: str) -> Verdict:
+        """Verdict on `text`; pure, safe from any thread. CPU-bound: ~60 ms per MB of Chinese
+        with a 10k-word lexicon (bench/guard.py), ~10 µs for a short message."""
+        normalized = normalize(text)
+        raw = normalized.text.encode()
+        ends = self.automaton.iter(raw.decode("latin-1"))
+        first = next(ends, None)
+        if first is None:  # the common case, kept short
+            return CLEAN
+        track = _WholeText(normalized.text, normalized.origin)
+        found = [
+            occurrence
+            for occurrence in self.occurrences(itertools.chain([first], ends), raw, track)
+            if self.bounded(occurrence, track) and self.whole(occurrence, track)
+        ]
+        return verdict(
+            hit(occurrence, (track.origin(occurrence.start), track.origin(occurrence.end - 1) + 1))
+            for occurrence in self.uncovered(found)
+        )
+
+    def mask(self, text: str) -> str:
+        """`text` with every mask-severity match replaced by ＊, one per original character."""
+        spans = [h.span for h in self.check(text).hits if h.severity is Severity.MASK]
+        return apply_mask(text, spans)
+
+    def occurrences(
+        self,
+        ends: Iterator[tuple[int, tuple[int, ...]]],
+        raw: bytes,
+        track: Track,
+        *,
+        base_bytes: int = 0,
+        base_chars: int = 0,
+    ) -> Iterator[Occurrence]:
+        """Occurrences from automaton results `ends` over the UTF-8 text `raw`, which starts at
+        byte `base_bytes` of the search and at normalised index `base_chars`; only those whose
+        letters lie close enough together in the original."""
+        single = raw.isascii()  # byte index == character index
+        done_bytes, done_chars = 0, 0
+        for last_byte, indices in ends:
+            local = last_byte - base_bytes
+            if single:
+                end = local + 1
+            else:
+                end = done_chars + len(raw[done_bytes : local + 1].decode())
+                done_bytes, done_chars = local + 1, end
+            for index in indices:
+                pattern = self.patterns[index]
+                occurrence = Occurrence(
+                    base_chars + end - pattern.length, base_chars + end, pattern
+                )
+                if _close(occurrence, track.origin):
+                    yield occurrence
+
+    def bounded(self, occurrence: Occurrence, track: Track) -> bool:
+        """False when an ASCII word is glued to more of the same in the original: a letter to a
+        letter (`vx` in `vxworks`) or a digit to a digit. `vx123` and `加qq123` still match."""
+        start, end = occurrence.start, occurrence.end
+        if occurrence.pattern.ascii_start:
+            first, before = track.char(start), track.char(start - 1)
+            if _same_kind(first, before) and track.origin(start - 1) >= track.origin(start) - 1:
+                return False
+        if occurrence.pattern.ascii_end:
+            last, after = track.char(end - 1), track.char(end)
+            if _same_kind(last, after) and track.origin(end) <= track.origin(end - 1) + 1:
+                return False
+        return True
+
+    def whole(self, occurrence: Occurrence, track: Track) -> bool:
+        """For `word` entries: jieba segments the occurrence as a word of its own."""
+        entry = occurrence.pattern.entry
+        if entry is None or not entry.whole_word:
+            return True
+        context = _SEGMENT_CONTEXT
+        before = "".join(track.char(i) for i in range(occurrence.start - context, occurrence.start))
+        word = "".join(track.char(i) for i in range(occurrence.start, occurrence.end))
+        after = "".join(track.char(i) for i in range(occurrence.end, occurrence.end + context))
+        cuts, position = {0}, 0
+        for token in self._segmenter.cut(before + word + after):
+            position += len(token)
+            cuts.add(position)
+        return len(before) in cuts and len(before) + len(word) in cuts
+
+    def uncovered(self, occurrences: list[Occurrence]) -> list[Occurrence]:
+        """Lexicon occurrences that no allow-list occurrence covers."""
+        allows = sorted((o.start, o.end) for o in occurrences if o.pattern.entry is None)
+        starts = [start for start, _ in allows]
+        kept = []
+        for occurrence in occurrences:
+            if occurrence.pattern.entry is None:
+                continue
+            j = bisect.bisect_right(starts, occurrence.start) - 1
+            while j >= 0 and allows[j][0] >= occurrence.end - self.max_allow:
+                if allows[j][1] >= occurrence.end:
+                    break
+                j -= 1
+            else:
+                kept.append(occurrence)
+        return kept
+
+    def _longest_stream_word(self, allow_keys: list[str]) -> int:
+        strict = {i for i, pattern in enumerate(self.patterns) if _streamed(pattern)}
+        longest = max((self.patterns[i].length for i in strict), default=0)
+        for key in allow_keys:
+            inner = (i for _, indices in self.automaton.iter(_latin(key)) for i in indices)
+            if any(i in strict for i in inner):
+                longest = max(longest, len(key))
+        return longest
+
+
+def hit(occurrence: Occurrence, span: tuple[int, int]) -> Hit:
+    """The hit of a lexicon (not allow-list) occurrence at original `span`."""
+    entry = occurrence.pattern.entry
+    assert entry is not None
+    return Hit(entry.category, entry.severity, entry.word, span)
+
+
+class Scanner:
+    """Aho-Corasick over normalised text fed piece by piece (the search state carries over, so a
+    word split between pieces is found). One per text or stream; not thread-safe."""
+
+    def __init__(self, matcher: Matcher) -> None:
+        self._matcher = matcher
+        self._search = matcher.automaton.iter("")
+        self._bytes = 0  # bytes fed so far
+        self._chars = 0  # normalised characters fed so far
+
+    def feed(self, piece: str, track: Track) -> Iterator[Occurrence]:
+        """Occurrences ending in `piece` (absolute normalised indices) whose letters lie close
+        enough together in the original; boundaries, allow-list and segmentation not applied.
+        `track` must hold every character of the occurrences; consume the iterator before the
+        next feed."""
+        raw = piece.encode()
+        base_bytes, base_chars = self._bytes, self._chars
+        self._bytes += len(raw)
+        self._chars += len(piece)
+        self._search.set(raw.decode("latin-1"), False)
+        return self._matcher.occurrences(
+            self._search, raw, track, base_bytes=base_bytes, base_chars=base_chars
+        )
+
+
+class _WholeText:
+    def __init__(self, text: str, origin: Callable[[int], int]) -> None:
+        self._text = text
+        self._origin = origin
+
+    def char(self, index: int) -> str:
+        return self._text[index] if 0 <= index < len(self._text) else ""
+
+    def origin(self, index: int) -> int:
+        return self._origin(index)
+
+
+def _streamed(pattern: Pattern) -> bool:
+    """Whether the stream filter acts on this pattern (block and mask entries)."""
+    entry = pattern.entry
+    return entry is not None and entry.severity in (Severity.BLOCK, Severity.MASK)
+
+
+def _close(occurrence: Occurrence, origin: Callable[[int], int]) -> bool:
+    previous = origin(occurrence.start)
+    for index in range(occurrence.start + 1, occurrence.end):
+        current = origin(index)
+        if current - previous - 1 > MAX_GAP:
+            return False
+        previous = current
+    return True
+
+
+def _ascii(char: str) -> bool:
+    return char.isascii() and char.isalnum()
+
+
+def _same_kind(char: str, neighbour: str) -> bool:
+    """Both ASCII letters, or both ASCII digits."""
+    if not (_ascii(char) and _ascii(neighbour)):
+        return False
+    return char.isdigit() == neighbour.isdigit()
+
+
+def _latin(text: str) -> str:
+    return text.encode().decode("latin-1")

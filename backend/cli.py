@@ -5,6 +5,7 @@
     qwen-stack ui                          only the chat UI (needs database and Redis URLs)
     qwen-stack migrate                     apply database migrations
     qwen-stack user add NAME [--role R]    add a login (password read from stdin or prompted)
+    qwen-stack guard check [--lexicon F]   one JSON verdict per stdin line
     qwen-stack dev tiny-model DIR          write a tiny random-weight Qwen2 GGUF
     qwen-stack dev settings-table          print the README's settings table
 
@@ -121,6 +122,19 @@ def _cmd_settings_table(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_guard_check(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from backend.guard import Lexicon, Matcher, builtin_lexicon_dir, check_lines, jieba_segmenter
+
+    path = Path(args.lexicon) if args.lexicon else settings.guard.lexicon_dir
+    lexicon = Lexicon.load(path or builtin_lexicon_dir())
+    matcher = Matcher(lexicon, segmenter=jieba_segmenter(cache_dir=settings.state_dir / "jieba"))
+    for verdict in check_lines(sys.stdin, matcher):
+        print(json.dumps(verdict, ensure_ascii=False), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-stack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--role", choices=["user", "kb_admin", "admin"], default="user")
     add.set_defaults(func=_cmd_user_add)
+
+    guard = sub.add_parser("guard", help="the sensitive-word guard").add_subparsers(
+        dest="action", required=True
+    )
+    check = guard.add_parser("check", help="one JSON verdict per line read on stdin")
+    check.add_argument("--lexicon", help="lexicon folder or .tsv file (default: the configured)")
+    check.set_defaults(func=_cmd_guard_check)
 
     dev = sub.add_parser("dev", help="developer tools").add_subparsers(dest="tool", required=True)
     tiny = dev.add_parser("tiny-model", help="write a tiny random-weight Qwen2 GGUF into DIR")

@@ -4,7 +4,9 @@ reads stdin."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,3 +114,20 @@ async def test_backend_error_one_line(clean_env: dict[str, str], tmp_path: Path)
     run = await _run_cli("engine", env=env)
     [line] = run.stderr.splitlines()
     assert line.startswith("qwen-stack: ") and "Traceback" not in line
+
+
+def test_guard_check_prints_one_verdict_per_line(tmp_path: Path) -> None:
+    lexicon = tmp_path / "test.tsv"
+    lexicon.write_text("赌博网站\t赌博\tblock\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "guard", "check", "--lexicon", str(lexicon)],
+        input="今天天气很好\n推荐一个賭 博 網站\n",
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "QWEN_STATE_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    clean, hit = (json.loads(line) for line in result.stdout.splitlines())
+    assert clean["blocked"] is False
+    assert hit["blocked"] is True and hit["category"] == "赌博"
+    start, end = hit["hits"][0]["span"]
+    assert "推荐一个賭 博 網站"[start:end] == "賭 博 網站"

@@ -158,7 +158,9 @@ async def _message(message: cl.Message) -> None:
                 if queue_note is not None:
                     await queue_note.remove()
                     queue_note = None
-                if event.kind is NoticeKind.BUSY:
+                if event.kind is NoticeKind.BLOCKED_OUTPUT:
+                    reply.content = f"⚠️ {event.text}"  # the answer so far is replaced
+                elif event.kind in (NoticeKind.BUSY, NoticeKind.BLOCKED_INPUT):
                     await cl.ErrorMessage(content=event.text, author=SYSTEM_AUTHOR).send()
                 else:
                     await cl.Message(content=f"ℹ️ {event.text}", author=SYSTEM_AUTHOR).send()

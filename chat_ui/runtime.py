@@ -22,6 +22,7 @@ from backend.chat.shaping import Shaper
 from backend.config import Settings
 from backend.db import migrate, open_pool
 from backend.errors import ConfigError
+from backend.guard import LexiconStore, builtin_lexicon_dir, jieba_segmenter
 from backend.metrics import Metrics
 from backend.serving.engine import ChatRequest
 from backend.serving.launcher import engine_urls
@@ -96,8 +97,14 @@ class Runtime:
             else None
         )
         metrics = Metrics()
+        guard = LexiconStore(
+            settings.guard.lexicon_dir or builtin_lexicon_dir(),
+            segmenter=jieba_segmenter(cache_dir=settings.state_dir / "jieba"),
+            check_interval_s=settings.guard.reload_interval_s,
+        )
         pipeline = ChatPipeline(
             metrics=metrics,
+            guard=guard,
             pool=engines,
             slots=SlotTable(redis, capacity=serving.slots_per_replica, ttl_s=serving.lease_ttl_s),
             queue=WaitQueue(redis, max_depth=serving.queue_max_depth),

@@ -15,12 +15,15 @@ class NoticeKind(enum.StrEnum):
     CONDENSED = "condensed"  # the input was too long; its middle was condensed
     DEGRADED = "degraded"  # under load: a shorter answer
     BUSY = "busy"  # no answer now; retry later
+    BLOCKED_INPUT = "blocked_input"  # the message was refused by the guard; no engine call
+    BLOCKED_OUTPUT = "blocked_output"  # the answer was stopped by the guard; replace it
 
 
 class Outcome(enum.StrEnum):
     OK = "ok"
     DEGRADED = "degraded"
     REFUSED = "refused"
+    BLOCKED = "blocked"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from backend.errors import (
     QueueFull,
     QueueTimeout,
 )
+from backend.guard import LexiconStore, Release, StreamGuard
 from backend.metrics import Metrics
 from backend.serving.degrade import choose_tier
 from backend.serving.engine import ChatRequest, Message
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 QUEUE_LONG_CHARS = 600
 BUSY_TEXT = "当前使用人数较多，请约 {retry} 秒后再试。"
 DEGRADED_TEXT = "当前访问量较大，本次回答会更简短。"
+INPUT_BLOCKED_TEXT = "您的消息包含不被允许的内容（{category}），未发送给模型。请修改后重试。"
+OUTPUT_BLOCKED_TEXT = "抱歉，这个回答包含不被允许的内容，已停止显示。请换个问题试试。"
 CONDENSED_TEXT = "您的输入过长，已保留开头和结尾、压缩了中间部分后再回答。"
 
 
@@ -84,6 +87,7 @@ class ChatPipeline:
         sentiment: SentimentProbe | None,
         config: PipelineConfig,
         metrics: Metrics | None = None,
+        guard: LexiconStore | None = None,
     ) -> None:
         self._pool = pool
         self._slots = slots
@@ -94,6 +98,7 @@ class ChatPipeline:
         self._sentiment = sentiment
         self._config = config
         self._metrics = metrics
+        self._guard = guard
         self._background: set[asyncio.Task[None]] = set()
 
     async def prepare(self, thread_id: str) -> Lease | None:
@@ -161,6 +166,13 @@ class ChatPipeline:
         engine). If the consumer stops early (user stop, disconnect) the upstream request is
         closed and the partial answer recorded, so the next turn sees what the user saw.
         """
+        if self._guard is not None:
+            verdict = self._guard.current().check(turn.text)
+            if verdict.blocked:
+                category = next(h.category for h in verdict.hits if h.severity.value == "block")
+                yield Notice(NoticeKind.BLOCKED_INPUT, INPUT_BLOCKED_TEXT.format(category=category))
+                yield Done(Outcome.BLOCKED, None, Tier.NORMAL, None, 0, False)
+                return
         past = await self._history.load(turn.thread_id)
         waited_from = time.monotonic()
         # Always through the queue: it renews a held lease at once and takes a free slot on its
@@ -215,6 +227,7 @@ class ChatPipeline:
         )
         order = [lease.replica, *(u for u in available if u != lease.replica)]
         parts: list[str] = []
+        blocked = False
         started_at = time.monotonic()
         try:
             started = await self._start(shaped.request, order)
@@ -224,13 +237,28 @@ class ChatPipeline:
                 await self._slots.acquire(turn.thread_id, replicas=[started.replica])
                 if self._metrics is not None:
                     self._metrics.failovers.inc()
-            async with contextlib.aclosing(started.rest) as rest:
-                if started.first:
-                    parts.append(started.first)
-                    yield Token(started.first)
-                async for delta in rest:
-                    parts.append(delta)
-                    yield Token(delta)
+            screen = StreamGuard(self._guard.current()) if self._guard is not None else None
+            async with (
+                contextlib.aclosing(started.rest) as rest,
+                contextlib.aclosing(_prepend(started.first, rest)) as deltas,
+            ):
+                async for delta in deltas:
+                    release = screen.feed(delta) if screen is not None else Release(delta)
+                    if release.text:
+                        parts.append(release.text)
+                        yield Token(release.text)
+                    if release.blocked is not None:
+                        blocked = True
+                        break  # leaving the `async with` closes the upstream response
+                if screen is not None and not blocked:
+                    release = screen.finish()
+                    if release.text:
+                        parts.append(release.text)
+                        yield Token(release.text)
+                    blocked = release.blocked is not None
+            if blocked:
+                parts = [OUTPUT_BLOCKED_TEXT]  # history keeps what replaced the answer
+                yield Notice(NoticeKind.BLOCKED_OUTPUT, OUTPUT_BLOCKED_TEXT)
         finally:
             if probe is not None and not probe.done():
                 probe.cancel()
@@ -242,6 +270,7 @@ class ChatPipeline:
                 )
                 await self._queue.record_turn(time.monotonic() - started_at)
         outcome = Outcome.DEGRADED if tier >= Tier.REDUCED else Outcome.OK
+        outcome = Outcome.BLOCKED if blocked else outcome
         yield Done(outcome, started.replica, tier, shaped.task, shaped.prompt_tokens, shaped.stream)
 
     async def _start(self, request: ChatRequest, order: Sequence[str]) -> Started:
@@ -294,3 +323,11 @@ class ChatPipeline:
     async def aclose(self) -> None:
         for task in list(self._background):
             task.cancel()
+
+
+async def _prepend(first: str, rest: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+    """`first` (when not empty), then the rest of the stream."""
+    if first:
+        yield first
+    async for delta in rest:
+        yield delta

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from playwright.async_api import Browser, Page
@@ -12,6 +13,17 @@ from tests.e2e.test_chat import ANSWER, POLL_S, answer_text, send, wait_answer_d
 from tests.fixtures.engines import FakeEngineHandle
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+def decode_frame(frame: str) -> str:
+    """A socket.io frame's JSON payload with escapes undone (`42["event", {...}]`)."""
+    start = frame.find("[")
+    if start < 0:
+        return frame
+    try:
+        return json.dumps(json.loads(frame[start:]), ensure_ascii=False)
+    except ValueError:
+        return frame
 
 
 async def test_second_conversation_sees_its_place_in_line(
@@ -78,3 +90,24 @@ async def test_stream_setting_turns_streaming_off(
     await send(page, "你好")
     assert await wait_answer_done(page) == "整段返回的回答"
     assert fake_engine.log()[-1]["body"]["stream"] is False
+
+
+async def test_blocked_word_never_reaches_the_browser(
+    page: Page, fake_ui: RunningUI, fake_engine: FakeEngineHandle
+) -> None:
+    clean = "这是一段很正常的开头，用来说明问题。" * 3  # no character of the blocked word
+    fake_engine.script(
+        [{"text": clean + "想要资料的话加微信吧。" * 3, "chunk_chars": 1, "token_delay_s": 0.02}]
+    )
+    frames: list[str] = []
+    page.on(
+        "websocket",
+        lambda socket: socket.on("framereceived", lambda payload: frames.append(str(payload))),
+    )
+    await login(page, fake_ui)
+    await send(page, "随便聊聊")
+    await page.get_by_text("已停止显示").wait_for(timeout=30_000)
+    received = "".join(decode_frame(frame) for frame in frames)
+    assert "正常的开头" in received  # the clean text did arrive, decoded
+    assert "加" not in received and "微信" not in received
+    assert "加微信" not in await page.inner_text("body")

@@ -1,0 +1,3 @@
+from tests.backend.chat.stack import make_stack
+
+__all__ = ["make_stack"]

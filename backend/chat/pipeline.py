@@ -31,6 +31,7 @@ from backend.chat.history import History
 from backend.chat.sentiment import SentimentProbe
 from backend.chat.shaping import Priority, Shaper, Tier
 from backend.errors import (
+    EngineError,
     EngineRestarting,
     EngineTimeout,
     EngineUnavailable,
@@ -242,14 +243,21 @@ class ChatPipeline:
                 contextlib.aclosing(started.rest) as rest,
                 contextlib.aclosing(_prepend(started.first, rest)) as deltas,
             ):
-                async for delta in deltas:
-                    release = screen.feed(delta) if screen is not None else Release(delta)
-                    if release.text:
-                        parts.append(release.text)
-                        yield Token(release.text)
-                    if release.blocked is not None:
-                        blocked = True
-                        break  # leaving the `async with` closes the upstream response
+                try:
+                    async for delta in deltas:
+                        release = screen.feed(delta) if screen is not None else Release(delta)
+                        if release.text:
+                            parts.append(release.text)
+                            yield Token(release.text)
+                        if release.blocked is not None:
+                            blocked = True
+                            break  # leaving the `async with` closes the upstream response
+                except EngineError:
+                    # The engine failed mid-answer: what it did say is still checked and shown.
+                    if screen is not None and (tail := screen.finish()).text:
+                        parts.append(tail.text)
+                        yield Token(tail.text)
+                    raise
                 if screen is not None and not blocked:
                     release = screen.finish()
                     if release.text:

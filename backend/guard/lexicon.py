@@ -38,7 +38,10 @@ class Severity(enum.StrEnum):
     @property
     def rank(self) -> int:
         """Higher is stricter: block 3, mask 2, flag 1."""
-        return {"block": 3, "mask": 2, "flag": 1}[self.value]
+        return _RANKS[self]
+
+
+_RANKS = {Severity.BLOCK: 3, Severity.MASK: 2, Severity.FLAG: 1}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ class Action(enum.StrEnum):
     NONE = "none"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Hit:
     category: str
     severity: Severity
@@ -26,7 +26,7 @@ class Hit:
     span: tuple[int, int]  # [start, end) in the original text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """The strictest action over `hits` (sorted by span); `none` with no hits."""
 
@@ -39,15 +39,17 @@ class Verdict:
 
 
 CLEAN = Verdict(Action.NONE)
+_ACTIONS = {severity.rank: Action(severity.value) for severity in Severity}  # by rank
 
 
 def verdict(hits: Iterable[Hit]) -> Verdict:
     """The verdict over `hits`: the strictest severity decides the action."""
-    ordered = tuple(sorted(hits, key=lambda hit: (hit.span, -hit.severity.rank, hit.word)))
+    ordered = tuple(hits)
     if not ordered:
         return CLEAN
-    strictest = max((hit.severity for hit in ordered), key=lambda severity: severity.rank)
-    return Verdict(Action(strictest.value), ordered)
+    if len(ordered) > 1:
+        ordered = tuple(sorted(ordered, key=lambda hit: (hit.span, -hit.severity.rank, hit.word)))
+    return Verdict(_ACTIONS[max(hit.severity.rank for hit in ordered)], ordered)
 
 
 def apply_mask(text: str, spans: Iterable[tuple[int, int]], *, offset: int = 0) -> str:

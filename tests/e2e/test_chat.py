@@ -55,8 +55,9 @@ async def test_login_chat_reload_resume(page: Page, llama_ui: RunningUI) -> None
 async def test_answer_streams_in(
     page: Page, fake_ui: RunningUI, fake_engine: FakeEngineHandle
 ) -> None:
-    text = "这是一个逐字流式输出的回答，用来确认界面边生成边显示。"
-    fake_engine.script([{"text": text, "chunk_chars": 1, "token_delay_s": 0.08}])
+    # Long enough to outrun the guard's hold-back window (the answer trails it by ~18-34 chars).
+    text = "这是一个逐字流式输出的回答，用来确认界面边生成边显示。" * 4
+    fake_engine.script([{"text": text, "chunk_chars": 1, "token_delay_s": 0.03}])
     await login(page, fake_ui)
     await send(page, "请流式回答")
     seen: set[str] = set()

@@ -1,19 +1,29 @@
-"""The CPU engine's entry point: llama-cpp-python's OpenAI server with an honestly bounded prompt cache.
+"""The CPU engine's entry point: llama-cpp-python's OpenAI server with a lean, bounded prompt cache.
 
 `python -m backend.serving.llama_server` takes exactly `python -m llama_cpp.server`'s arguments.
 
-Why not that module directly: its RAM prompt cache (`--cache_type ram --cache_size BYTES`) counts only
-each entry's KV state against the cap, but every entry also holds a copy of the logits buffer
-(n_batch × n_vocab float32: about 300 MiB with Qwen's 151,936-token vocabulary). Measured on the
-0.5B model with a 2 GiB cap, memory grew by ~310 MiB per cached conversation with no plateau. Here
-every byte an entry holds counts, so `--cache_size` bounds the real memory.
+Why not that module directly. Its RAM prompt cache (`--cache_type ram`) saves the model state after
+every answer and restores the longest matching prefix for the next request; that is what keeps a
+pinned conversation's prefill short on CPU. But each saved state also carries a copy of the logits
+buffer (n_batch × n_vocab float32: ~300 MiB with Qwen's 151,936-token vocabulary), which:
+
+- is never read when `logits_all` is off (the default): sampling happens inside llama.cpp, and a
+  restored state is re-evaluated before sampling (`_requires_eval`);
+- is not counted against `--cache_size`, so memory grew ~300 MiB per conversation without bound;
+- costs a 300 MiB copy on every save and every restore (0.5-1.5 s on two cores).
+
+Here, with `logits_all` off, states are saved and restored without the logits (`LeanLlama`), and `BoundedRAMCache` counts every byte an entry holds. With `logits_all` on
+the library's own methods run unchanged. Written against llama-cpp-python 0.3.x (pinned < 0.4).
 """
 
 from __future__ import annotations
 
-import llama_cpp
-from llama_cpp.llama_cache import LlamaRAMCache
+import ctypes
 
+import llama_cpp
+import numpy as np
+from llama_cpp.llama import Llama, LlamaState
+from llama_cpp.llama_cache import LlamaRAMCache
 
 class BoundedRAMCache(LlamaRAMCache):
     """LlamaRAMCache whose size is what its entries really hold (KV state, logits, token ids)."""
@@ -26,9 +36,50 @@ class BoundedRAMCache(LlamaRAMCache):
         )
 
 
-def main() -> None:
-    # llama_cpp.server builds its cache through this module attribute when the model loads.
+class LeanLlama(Llama):
+    """`Llama` whose saved states leave out the logits copy when `logits_all` is off."""
+
+    def save_state(self) -> LlamaState:
+        if self._logits_all:
+            return super().save_state()
+        context = self._ctx.ctx
+        size = llama_cpp.llama_state_get_size(context)
+        buffer = (ctypes.c_uint8 * int(size))()
+        written = int(llama_cpp.llama_state_get_data(context, buffer, size))
+        if written > int(size):
+            raise RuntimeError("Failed to copy llama state data")
+        return LlamaState(
+            input_ids=self.input_ids[: self.n_tokens].copy(),
+            scores=np.empty((0, self._n_vocab), dtype=np.single),  # zero rows: nothing copied
+            n_tokens=self.n_tokens,
+            llama_state=ctypes.string_at(buffer, written),
+            llama_state_size=written,
+            seed=self._seed,
+        )
+
+    def load_state(self, state: LlamaState) -> None:
+        if self._logits_all or state.scores.shape[0] != 0:
+            super().load_state(state)
+            return
+        self.input_ids[: state.n_tokens] = state.input_ids
+        self.n_tokens = state.n_tokens
+        self._requires_eval = True  # re-evaluate the last token before sampling, as upstream does
+        self._seed = state.seed
+        size = state.llama_state_size
+        data = (ctypes.c_uint8 * size).from_buffer_copy(state.llama_state)
+        if llama_cpp.llama_state_set_data(self._ctx.ctx, data, size) != size:
+            raise RuntimeError("Failed to set llama state data")
+
+
+def install() -> None:
+    """Make the server (which looks both up on the `llama_cpp` module when it loads the model)
+    build our model class and cache."""
+    llama_cpp.Llama = LeanLlama  # type: ignore[misc]
     llama_cpp.LlamaRAMCache = BoundedRAMCache  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    install()
     from llama_cpp.server.__main__ import main as serve
 
     serve()  # type: ignore[no-untyped-call]

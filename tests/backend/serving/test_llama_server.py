@@ -1,7 +1,12 @@
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
+import pytest
+from llama_cpp import Llama
 from llama_cpp.llama import LlamaState
 
-from backend.serving.llama_server import BoundedRAMCache
+from backend.serving.llama_server import BoundedRAMCache, LeanLlama
 
 
 def state(n_tokens: int, *, kv_bytes: int, vocab: int) -> LlamaState:
@@ -34,3 +39,52 @@ def test_longest_prefix_still_found() -> None:
     cache = BoundedRAMCache(capacity_bytes=10**9)
     cache[(1, 2, 3)] = state(3, kv_bytes=10, vocab=10)
     assert (1, 2, 3, 4, 5) in cache
+
+
+class CountingLlama(LeanLlama):
+    loads = 0
+
+    def load_state(self, state: LlamaState) -> None:
+        self.loads += 1
+        super().load_state(state)
+
+
+@pytest.fixture(scope="module")
+def lean(tiny_gguf: Path) -> Iterator[CountingLlama]:
+    model = CountingLlama(model_path=str(tiny_gguf), n_ctx=512, n_threads=1, verbose=False, seed=1)
+    model.set_cache(BoundedRAMCache(capacity_bytes=64 << 20))
+    yield model
+    model.close()
+
+
+def greedy(model: Llama, prompt: str) -> str:
+    out = model.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1)
+    return str(out["choices"][0]["text"])  # type: ignore[index]
+
+
+def test_lean_state_holds_no_logits(lean: LeanLlama) -> None:
+    greedy(lean, "你好，今天天气")
+    state = lean.save_state()
+    assert state.scores.nbytes == 0 and state.n_tokens > 0
+
+
+def test_restored_state_continues_like_a_fresh_model(lean: CountingLlama, tiny_gguf: Path) -> None:
+    first, second = "第一个对话：你好，请介绍一下你自己。", "第二个对话：今天天气怎么样？"
+    greedy(lean, first)
+    greedy(lean, second)  # the live context now holds another conversation
+    loads = lean.loads
+    cached = greedy(lean, first + "还有呢？")  # restored from the cache, then extended
+    assert lean.loads == loads + 1
+    fresh_model = Llama(model_path=str(tiny_gguf), n_ctx=512, n_threads=1, verbose=False, seed=1)
+    try:
+        fresh = greedy(fresh_model, first + "还有呢？")
+    finally:
+        fresh_model.close()
+    assert cached == fresh
+
+
+def test_cache_entries_are_small(lean: LeanLlama) -> None:
+    greedy(lean, "一个新的提示词，用来写入缓存。")
+    cache = lean.cache
+    assert isinstance(cache, BoundedRAMCache)
+    assert all(state.scores.nbytes == 0 for state in cache.cache_state.values())

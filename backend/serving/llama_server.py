@@ -25,6 +25,7 @@ import numpy as np
 from llama_cpp.llama import Llama, LlamaState
 from llama_cpp.llama_cache import LlamaRAMCache
 
+
 class BoundedRAMCache(LlamaRAMCache):
     """LlamaRAMCache whose size is what its entries really hold (KV state, logits, token ids)."""
 

@@ -6,9 +6,10 @@
     release = stream.feed(delta) ... stream.finish()
     mask_pii(text)                               # audit records and logs
 
-Modules: `normalize` (text → letters, with a map back), `lexicon` (files), `matcher` (compiled
-lexicon), `stream` (hold-back filter), `store` (reload), `pii`, `report` (JSON verdicts for the
-CLI), `verdict`, `segment` (jieba, only for `word` entries).
+Modules: `normalize` (text → letters, with a map back), `charmap` (each character's form),
+`lexicon` (files), `matcher` (compiled lexicon, whole-text check), `stream` (hold-back filter),
+`store` (reload), `pii`, `report` (JSON verdicts for the CLI), `verdict`, `segment` (jieba, only
+for `word` entries).
 """
 
 from backend.guard.lexicon import Entry, Lexicon, Severity, builtin_lexicon_dir

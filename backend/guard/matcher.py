@@ -14,26 +14,27 @@ Aho-Corasick on the normalised text (`backend/guard/normalize.py`), then kept on
 
 Two automata hold the same keys:
 
-- `finder` (ahocorasick-rs, Rust, contiguous NFA) scans whole texts in `check`. It runs over the
-  text's UTF-16 code units (2 bytes per Chinese character instead of 3 in UTF-8, hence fewer
-  transitions); UTF-16 is not self-synchronising, so a match starting at an odd byte is dropped,
-  and a match starting at an even one is a whole-character match (a key never starts with a low
-  surrogate). With 10k Chinese words the automaton is some MB and the scan is bound by cache misses
-  (~10 ns per byte); the contiguous NFA is smaller than the DFA and faster here.
+- `finder` (ahocorasick-rs: Rust aho-corasick, contiguous NFA) scans whole texts in `check`, over
+  their UTF-16 code units: 2 bytes, so 2 dependent transitions, per Chinese character instead of
+  3 in UTF-8. UTF-16 is not self-synchronising, so a match starting at an odd byte is dropped; one
+  starting at an even byte is a match of whole characters (no key starts with a low surrogate).
+  With 10k Chinese words the scan is bound by memory latency, ~12 ns per byte; the DFA (tens of MB)
+  is slower here, and so is UTF-8.
 - `automaton` (pyahocorasick, over UTF-8 bytes carried in latin-1 strings) is resumable: its search
-  state carries over from one piece of text to the next, which the stream filter needs. (Over
-  characters its nodes would have thousands of children, searched linearly; over UTF-8 bytes, at
-  most a few dozen, and UTF-8 is self-synchronising.)
+  state carries over from one piece of text to the next, which the stream filter
+  (`backend/guard/stream.py`) needs. Over characters its nodes would have thousands of children,
+  searched linearly; over UTF-8 bytes at most a few dozen, and UTF-8 is self-synchronising.
 
-A text without a candidate match costs `fold`, one UTF-16 encoding and one scan; the map back to
-the original, occurrences and verdict are built only for texts with one.
+A text without a match costs `fold`, one encoding and one scan (~4 µs for 100 Chinese
+characters); the map back to the original, occurrences and verdict are built only for texts with
+one (~10 µs more per hit, ~20 µs for an evasion, whose letters must be mapped through the dropped
+characters).
 """
 
 from __future__ import annotations
 
 import bisect
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +42,7 @@ import ahocorasick
 import ahocorasick_rs
 
 from backend.errors import LexiconError
+from backend.guard.charmap import ASTRAL
 from backend.guard.lexicon import Entry, Lexicon, Severity
 from backend.guard.normalize import fold, normalize, spellings
 from backend.guard.segment import Segmenter
@@ -63,6 +65,14 @@ class Pattern:
     length: int  # normalised characters
     ascii_start: bool
     ascii_end: bool
+    contextual: bool  # its neighbours decide a match: an ASCII end, or a `word` entry
+
+    @classmethod
+    def of(cls, entry: Entry | None, key: str) -> Pattern:
+        """The pattern of normalised `key`, spelling `entry` (None: an allow-list word)."""
+        start, end = _ascii(key[0]), _ascii(key[-1])
+        whole_word = entry is not None and entry.whole_word
+        return cls(entry, len(key), start, end, start or end or whole_word)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +108,7 @@ class Matcher:
                 raise LexiconError(f"{word!r} has no letters or digits left after normalisation")
             for key in forms:
                 keys.setdefault(key, []).append(len(self.patterns))
-                self.patterns.append(Pattern(owner, len(key), _ascii(key[0]), _ascii(key[-1])))
+                self.patterns.append(Pattern.of(owner, key))
         self.automaton = ahocorasick.Automaton()
         for key, indices in keys.items():
             self.automaton.add_word(_latin(key), tuple(indices))
@@ -108,6 +118,7 @@ class Matcher:
             implementation=ahocorasick_rs.Implementation.ContiguousNFA,
         )
         self._key_patterns = [tuple(indices) for indices in keys.values()]  # by finder pattern
+        self._find = self.finder.find_matches_as_indexes
         self.max_allow = max((p.length for p in self.patterns if p.entry is None), default=0)
         allow_keys = [key for key in keys if any(self.patterns[i].entry is None for i in keys[key])]
         self.hold_chars = stretch(self._longest_stream_word(allow_keys)) + 1
@@ -118,64 +129,34 @@ class Matcher:
         """Verdict on `text`; pure, safe from any thread. CPU-bound: ~20 ms per MB of Chinese
         with a 10k-word lexicon (bench/guard.py), a few µs for a short message."""
         folded = fold(text)
-        units = _units(folded)
-        found = self.finder.find_matches_as_indexes(units, overlapping=True)
+        units = folded.encode("utf-16")  # _units(folded), without the call
+        found = self._find(units, True)  # overlapping: every occurrence of every key
         if not found:  # the common case, kept short
             return CLEAN
-        normalized = normalize(text)
-        track = _WholeText(normalized.text, normalized.origin)
-        candidates = self._candidates(found, _unit_to_char(folded, len(units)))
+        normalized = normalize(text, folded=folded)
+        patterns, key_patterns = self.patterns, self._key_patterns
+        occurrences = [
+            Occurrence(start, end, patterns[index])
+            for key, start, end in _in_characters(found, folded, len(units))
+            for index in key_patterns[key]
+        ]
         if not normalized.verbatim:  # else every match is letters side by side in the original
-            candidates = (o for o in candidates if _close(o, track.origin))
-        kept = [o for o in candidates if self.bounded(o, track) and self.whole(o, track)]
+            gap = normalized.longest_gap
+            occurrences = [o for o in occurrences if gap(o.start, o.end) <= MAX_GAP]
+        if any(o.pattern.contextual for o in occurrences):
+            track = _WholeText(normalized.text, normalized.origin)
+            occurrences = [
+                o
+                for o in occurrences
+                if not o.pattern.contextual or (self.bounded(o, track) and self.whole(o, track))
+            ]
         span = normalized.span
-        return verdict([hit(o, span(o.start, o.end)) for o in self.uncovered(kept)])
-
-    def _candidates(
-        self, found: list[tuple[int, int, int]], chars: Callable[[int], int]
-    ) -> Iterator[Occurrence]:
-        """Occurrences from `finder` matches (key, start byte, end byte) over UTF-16 units."""
-        patterns = self.patterns
-        for key, start, end in found:
-            if start % 2:  # not on a character boundary
-                continue
-            first, last = chars(start), chars(end)
-            for index in self._key_patterns[key]:
-                yield Occurrence(first, last, patterns[index])
+        return verdict([hit(o, span(o.start, o.end)) for o in self.uncovered(occurrences)])
 
     def mask(self, text: str) -> str:
         """`text` with every mask-severity match replaced by ＊, one per original character."""
         spans = [h.span for h in self.check(text).hits if h.severity is Severity.MASK]
         return apply_mask(text, spans)
-
-    def occurrences(
-        self,
-        ends: Iterator[tuple[int, tuple[int, ...]]],
-        raw: bytes,
-        track: Track,
-        *,
-        base_bytes: int = 0,
-        base_chars: int = 0,
-    ) -> Iterator[Occurrence]:
-        """Occurrences from automaton results `ends` over the UTF-8 text `raw`, which starts at
-        byte `base_bytes` of the search and at normalised index `base_chars`; only those whose
-        letters lie close enough together in the original."""
-        single = raw.isascii()  # byte index == character index
-        done_bytes, done_chars = 0, 0
-        for last_byte, indices in ends:
-            local = last_byte - base_bytes
-            if single:
-                end = local + 1
-            else:
-                end = done_chars + len(raw[done_bytes : local + 1].decode())
-                done_bytes, done_chars = local + 1, end
-            for index in indices:
-                pattern = self.patterns[index]
-                occurrence = Occurrence(
-                    base_chars + end - pattern.length, base_chars + end, pattern
-                )
-                if _close(occurrence, track.origin):
-                    yield occurrence
 
     def bounded(self, occurrence: Occurrence, track: Track) -> bool:
         """False when an ASCII word is glued to more of the same in the original: a letter to a
@@ -208,7 +189,10 @@ class Matcher:
 
     def uncovered(self, occurrences: list[Occurrence]) -> list[Occurrence]:
         """Lexicon occurrences that no allow-list occurrence covers."""
-        allows = sorted((o.start, o.end) for o in occurrences if o.pattern.entry is None)
+        allows = [(o.start, o.end) for o in occurrences if o.pattern.entry is None]
+        if not allows:
+            return occurrences
+        allows.sort()
         starts = [start for start, _ in allows]
         kept = []
         for occurrence in occurrences:
@@ -240,31 +224,6 @@ def hit(occurrence: Occurrence, span: tuple[int, int]) -> Hit:
     return Hit(entry.category, entry.severity, entry.word, span)
 
 
-class Scanner:
-    """Aho-Corasick over normalised text fed piece by piece (the search state carries over, so a
-    word split between pieces is found). One per text or stream; not thread-safe."""
-
-    def __init__(self, matcher: Matcher) -> None:
-        self._matcher = matcher
-        self._search = matcher.automaton.iter("")
-        self._bytes = 0  # bytes fed so far
-        self._chars = 0  # normalised characters fed so far
-
-    def feed(self, piece: str, track: Track) -> Iterator[Occurrence]:
-        """Occurrences ending in `piece` (absolute normalised indices) whose letters lie close
-        enough together in the original; boundaries, allow-list and segmentation not applied.
-        `track` must hold every character of the occurrences; consume the iterator before the
-        next feed."""
-        raw = piece.encode()
-        base_bytes, base_chars = self._bytes, self._chars
-        self._bytes += len(raw)
-        self._chars += len(piece)
-        self._search.set(raw.decode("latin-1"), False)
-        return self._matcher.occurrences(
-            self._search, raw, track, base_bytes=base_bytes, base_chars=base_chars
-        )
-
-
 class _WholeText:
     def __init__(self, text: str, origin: Callable[[int], int]) -> None:
         self._text = text
@@ -283,16 +242,6 @@ def _streamed(pattern: Pattern) -> bool:
     return entry is not None and entry.severity in (Severity.BLOCK, Severity.MASK)
 
 
-def _close(occurrence: Occurrence, origin: Callable[[int], int]) -> bool:
-    previous = origin(occurrence.start)
-    for index in range(occurrence.start + 1, occurrence.end):
-        current = origin(index)
-        if current - previous - 1 > MAX_GAP:
-            return False
-        previous = current
-    return True
-
-
 def _ascii(char: str) -> bool:
     return char.isascii() and char.isalnum()
 
@@ -309,7 +258,6 @@ def _latin(text: str) -> str:
 
 
 _BOM = 2  # bytes of byte-order mark before the code units
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
 def _units(text: str) -> bytes:
@@ -318,12 +266,24 @@ def _units(text: str) -> bytes:
     return text.encode("utf-16")
 
 
-def _unit_to_char(text: str, size: int) -> Callable[[int], int]:
-    """Maps a byte offset at a character boundary in `_units(text)` (`size` bytes) to the
-    character index."""
+def _in_characters(
+    found: list[tuple[int, int, int]], text: str, size: int
+) -> list[tuple[int, int, int]]:
+    """`finder` matches (key, start, end) over `_units(text)` (`size` bytes), with byte offsets
+    turned into character indices; those starting at an odd byte (not a character) dropped."""
     if size == _BOM + 2 * len(text):  # no character beyond the BMP: two bytes each
-        return lambda offset: (offset - _BOM) // 2
+        return [
+            (k, (start - _BOM) >> 1, (end - _BOM) >> 1) for k, start, end in found if not start & 1
+        ]
     # an astral character takes four bytes: count those before the offset
-    astral = [match.start() for match in _ASTRAL.finditer(text)]
+    astral = [match.start() for match in ASTRAL.finditer(text)]
     starts = [_BOM + 2 * (i + k) for k, i in enumerate(astral)]  # their byte offsets
-    return lambda offset: (offset - _BOM - 2 * bisect.bisect_left(starts, offset)) // 2
+    return [
+        (
+            k,
+            (start - _BOM) // 2 - bisect.bisect_left(starts, start),
+            (end - _BOM) // 2 - bisect.bisect_left(starts, end),
+        )
+        for k, start, end in found
+        if not start & 1
+    ]

@@ -20,97 +20,78 @@ while `微，信` keeps its comma. Digits and letters are kept: `微1信` is not
 letters of a match may be in the source is the matcher's business (`backend/guard/matcher.py`),
 which uses `Normalized.origin`.
 
-Most text needs no change beyond `lower()`: one regular-expression search over a bitmap of the
-characters the steps above touch tells, and such a text costs ~10 ns per character. `fold` gives
-the normalised letters alone, for callers that need the map back only when something matched.
+Most Chinese text needs no change at all, or only ASCII capitals lowered: a regular-expression
+search over a bitmap of the characters the steps above change tells (~4 ns per character), and
+only other texts take the substitutions. `fold` gives the normalised letters alone, for callers
+that need the map back only when something matched (`normalize(text, folded=...)` then builds it
+without folding again). The map back is computed lazily: the identity, the runs of dropped
+characters (searched by bisection), or an explicit list when a character expanded.
 
-The character tables are built on first use (about a second: every code point is classified once
-per process) and shared read-only afterwards; importing this module does no work.
+The character tables (`backend/guard/charmap.py`) are built on first use, about half a second
+once per process; importing this module does no work.
 """
 
 from __future__ import annotations
 
 import bisect
-import functools
-import re
-import sys
-import unicodedata
-from collections.abc import Iterable
+import itertools
 from dataclasses import dataclass, field
 
 import opencc
 
-BREAKS = frozenset("\n\r\u2028\u2029。，、；：？！｡､")  # kept: a match never spans them
-# Categories whose characters are dropped: punctuation, symbols, separators, controls, format,
-# private use, surrogates, non-spacing and enclosing marks.
-_FILLER_CATEGORIES = frozenset(
-    {"Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "Sm", "Sc", "Sk", "So", "Zs", "Zl", "Zp"}
-    | {"Cc", "Cf", "Co", "Cs", "Mn", "Me"}
-)
-_BMP_MAX = 0xFFFF
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
-# Blocks whose characters OpenCC may convert (CJK unified ideographs A-F and compatibility ones).
-_CJK_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2EBEF))
-
-
-@dataclass(frozen=True)
-class _Tables:
-    """Character classes are split at the BMP: `re` tests a BMP-only class with a bitmap, but
-    walks a list of ranges once any member lies beyond it (~40x slower on these classes)."""
-
-    translate: dict[int, str | None]  # code point → its one-character form, None when dropped
-    expand: dict[str, str]  # characters whose form has two or more characters
-    fillers: re.Pattern[str]  # BMP characters dropped
-    changes: re.Pattern[str]  # BMP characters changed one-to-one
-    slow: re.Pattern[str]  # BMP characters that need the per-character path
-    special: re.Pattern[str]  # `slow` or any astral character: one search for the common case
-    astral_slow: frozenset[str]  # ... and such characters beyond the BMP
-    dropped: re.Pattern[str]  # BMP fillers or any astral character (filtered by `translate`)
-    touched: re.Pattern[
-        str
-    ]  # any character normalisation changes or drops, or astral; after lower()
-
-    def change(self, match: re.Match[str]) -> str:
-        """Replacement for one matched character: its form, "" when dropped."""
-        char = match[0]
-        return self.translate.get(ord(char), char) or ""
+from backend.guard.charmap import ASTRAL, CharMap, charmap
 
 
 class _Origins:
     """Normalised index → source index, computed on first use (most texts have no hit to map).
 
-    The result is the same whichever thread computes it first, so the lazy fill needs no lock.
+    Explicit (a list), the identity, or, when normalisation only dropped characters, the runs of
+    dropped source characters. The result is the same whichever thread computes it first, so
+    the lazy fill needs no lock.
     """
 
-    __slots__ = ("_dropped", "_explicit", "_lowered", "_marks")
+    __slots__ = ("_astral", "_explicit", "_lowered", "_runs")
 
-    def __init__(self, *, lowered: str | None = None, explicit: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        lowered: str | None = None,
+        astral: bool = False,
+        explicit: list[int] | None = None,
+    ) -> None:
         self._lowered = lowered  # source after lower(): same length, fillers at the same places
+        self._astral = astral  # whether `lowered` holds characters beyond the BMP
         self._explicit = explicit
-        self._dropped: list[int] | None = None
-        self._marks: list[int] | None = None
+        self._runs: _Runs | None = None
 
     def __call__(self, index: int) -> int:
         if self._explicit is not None:
             return self._explicit[index]
         if self._lowered is None:  # nothing was dropped
             return index
-        marks = self._marks
-        if marks is None:
-            # marks[j]: source characters kept before the j-th dropped one.
-            marks = self._marks = [position - j for j, position in enumerate(self.dropped())]
-        return index + bisect.bisect_right(marks, index)
+        runs = self.runs()
+        return index + runs.shifts[bisect.bisect_right(runs.marks, index)]
 
-    def dropped(self) -> list[int]:
-        """Source indices of the dropped characters (fast path only)."""
-        if self._dropped is None:
+    def longest_gap(self, start: int, end: int) -> int:
+        """Most source characters between those of two consecutive normalised ones in
+        [start, end) (-1: both come from one source character)."""
+        explicit = self._explicit
+        if explicit is not None:
+            pairs = itertools.pairwise(explicit[start:end])
+            return max((b - a - 1 for a, b in pairs), default=0)
+        if self._lowered is None:
+            return 0
+        runs = self.runs()  # the runs after text[start] and before text[end - 1]:
+        first = bisect.bisect_left(runs.marks, start + 1)
+        last = bisect.bisect_right(runs.marks, end - 1)
+        return max(runs.lengths[first:last], default=0)
+
+    def runs(self) -> _Runs:
+        """The runs of dropped source characters (not for explicit origins)."""
+        if self._runs is None:
             assert self._lowered is not None
-            tables = _tables()
-            found = tables.dropped.finditer(self._lowered)
-            self._dropped = [
-                m.start() for m in found if tables.translate.get(ord(m[0]), "") is None
-            ]
-        return self._dropped
+            self._runs = _Runs.of(self._lowered, charmap(), astral=self._astral)
+        return self._runs
 
     def all(self, length: int, offset: int) -> list[int]:
         if self._explicit is not None:
@@ -119,17 +100,43 @@ class _Origins:
             return list(range(offset, offset + length))
         origins: list[int] = []
         kept_from = 0
-        for position in self.dropped():
-            origins.extend(range(offset + kept_from, offset + position))
-            kept_from = position + 1
+        for start, end in self.runs().spans:
+            origins.extend(range(offset + kept_from, offset + start))
+            kept_from = end
         origins.extend(range(offset + kept_from, offset + len(self._lowered)))
         return origins
+
+
+@dataclass(frozen=True, slots=True)
+class _Runs:
+    """Maximal runs of dropped characters in a source text where nothing else changes length."""
+
+    spans: list[tuple[int, int]]  # source [start, end), in order
+    marks: list[int]  # per run, the source characters kept before it
+    shifts: list[int]  # shifts[k]: characters dropped in the first k runs
+    lengths: list[int]  # per run, its length
+
+    @classmethod
+    def of(cls, lowered: str, tables: CharMap, *, astral: bool) -> _Runs:
+        """The runs in `lowered` (astral: whether it holds characters beyond the BMP)."""
+        if not astral:
+            spans = [match.span() for match in tables.filler_runs.finditer(lowered)]
+        else:  # astral characters are dropped or not, as `translate` says
+            spans = [match.span() for match in tables.dropped_runs.finditer(lowered)]
+            found = ASTRAL.finditer(lowered)
+            kept = [m.start() for m in found if tables.translate.get(ord(m[0]), "") is not None]
+            if kept:
+                spans = _without(spans, kept)
+        lengths = [end - start for start, end in spans]
+        shifts = [0, *itertools.accumulate(lengths)]
+        marks = [start - shift for (start, _), shift in zip(spans, shifts, strict=False)]
+        return cls(spans, marks, shifts, lengths)
 
 
 _SAME = _Origins()  # nothing dropped or expanded: the identity, shared
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Normalized:
     """A normalised text and the way back to its source.
 
@@ -152,6 +159,11 @@ class Normalized:
             raise IndexError(index)
         return self._origins(index)
 
+    def longest_gap(self, start: int, end: int) -> int:
+        """The most source characters between those of two consecutive characters of
+        `text[start:end]`: 0 when side by side, -1 when one source character gave both."""
+        return self._origins.longest_gap(start, end)
+
     def span(self, start: int, end: int) -> tuple[int, int]:
         """Source span [start, end) covering normalised `text[start:end]` (non-empty)."""
         return self.origin(start), self.origin(end - 1) + 1
@@ -161,39 +173,50 @@ class Normalized:
         return self._origins.all(len(self.text), offset)
 
 
-def normalize(text: str) -> Normalized:
-    """Normalise `text` (see the module docstring). Pure; safe from any thread."""
-    tables = _tables()
-    lowered = text.lower()
-    if len(lowered) == len(text) and tables.touched.search(lowered) is None:
-        return Normalized(lowered, text, _SAME)
-    return _normalize_changed(text, lowered, tables)
+def normalize(text: str, *, folded: str | None = None) -> Normalized:
+    """Normalise `text` (see the module docstring). `folded`, when given, must be `fold(text)`:
+    only the map back is then built, not the letters again. Pure; safe from any thread."""
+    tables = charmap()
+    if folded is None:
+        folded = fold(text)
+    if folded is text:  # nothing changed
+        return Normalized(text, text, _SAME)
+    astral = _astral_chars(text, tables)
+    if astral is None:
+        return _normalize_slow(text, tables)
+    if len(folded) == len(text):  # one character per character, none dropped
+        return Normalized(folded, text, _SAME)
+    return Normalized(folded, text, _Origins(lowered=text.lower(), astral=bool(astral)))
 
 
 def fold(text: str) -> str:
     """`normalize(text).text`, without building the map back. Pure; safe from any thread."""
-    tables = _tables()
+    tables = charmap()
+    first = tables.touched.search(text)
+    if first is None:  # nothing to change
+        return text
     lowered = text.lower()
-    if len(lowered) == len(text) and tables.touched.search(lowered) is None:
+    if tables.uncased.search(text, first.start()) is None:  # only ASCII capitals
         return lowered
-    return _normalize_changed(text, lowered, tables).text
+    astral = _astral_chars(text, tables)
+    if astral is None:
+        return _normalize_slow(text, tables).text
+    # Here lower() gave one character per character. Changed and astral characters are rare in
+    # simplified text: replacing them one by one beats a translate() over every character
+    # (~70 ns each). Fillers go in one C-level pass.
+    out = lowered if not astral else ASTRAL.sub(tables.change, lowered)
+    return tables.fillers.sub("", tables.changes.sub(tables.change, out))
 
 
-def _normalize_changed(text: str, lowered: str, tables: _Tables) -> Normalized:
-    """`normalize(text)` for a text with something to change; `lowered` is `text.lower()`."""
-    astral: list[str] = []
-    if tables.special.search(text) is not None:
-        astral = _ASTRAL.findall(text)
-        if tables.slow.search(text) or not tables.astral_slow.isdisjoint(astral):
-            return _normalize_slow(text, tables)
-    # here lower() gave one character per character
-    # Changed and astral characters are rare in simplified text: replacing them one by one beats
-    # a translate() over every character (~70 ns each). Fillers go in one C-level pass.
-    out = lowered if not astral else _ASTRAL.sub(tables.change, lowered)
-    out = tables.fillers.sub("", tables.changes.sub(tables.change, out))
-    if len(out) == len(text):
-        return Normalized(out, text, _SAME)
-    return Normalized(out, text, _Origins(lowered=lowered))
+def _astral_chars(text: str, tables: CharMap) -> list[str] | None:
+    """The characters of `text` beyond the BMP, or None when `text` needs the per-character path
+    (a character whose form, or lowercase, has more than one character)."""
+    if tables.special.search(text) is None:
+        return []
+    astral = ASTRAL.findall(text)
+    if tables.slow.search(text) or not tables.astral_slow.isdisjoint(astral):
+        return None
+    return astral
 
 
 def normalize_word(word: str) -> str:
@@ -220,7 +243,21 @@ def spellings(words: list[str]) -> list[list[str]]:
     return keys
 
 
-def _normalize_slow(text: str, tables: _Tables) -> Normalized:
+def _without(spans: list[tuple[int, int]], kept: list[int]) -> list[tuple[int, int]]:
+    """`spans` (in order) split so that none holds an index in `kept` (sorted)."""
+    out = []
+    for start, end in spans:
+        i = bisect.bisect_left(kept, start)
+        while i < len(kept) and kept[i] < end:
+            if start < kept[i]:
+                out.append((start, kept[i]))
+            start, i = kept[i] + 1, i + 1
+        if start < end:
+            out.append((start, end))
+    return out
+
+
+def _normalize_slow(text: str, tables: CharMap) -> Normalized:
     pieces: list[str] = []
     origins: list[int] = []
     for index, char in enumerate(text):
@@ -232,107 +269,3 @@ def _normalize_slow(text: str, tables: _Tables) -> Normalized:
             pieces.append(form)
             origins.extend([index] * len(form))
     return Normalized("".join(pieces), text, _Origins(explicit=origins))
-
-
-@functools.cache
-def _tables() -> _Tables:
-    converter = opencc.OpenCC("t2s")
-    t2s = _single_char_conversions(converter, _code_points(_CJK_RANGES))
-    translate: dict[int, str | None] = {}
-    expand: dict[str, str] = {}
-    fillers: list[int] = []
-    slow: list[int] = []
-    cased: list[str] = []
-    for point in range(sys.maxunicode + 1):
-        char = chr(point)
-        category = unicodedata.category(char)
-        if category == "Cn":  # unassigned: kept as it is
-            continue
-        if char.lower() != char:
-            cased.append(char)
-        form = _form(char, category, t2s)
-        if form == char:
-            continue
-        if form == "":
-            translate[point] = None
-            fillers.append(point)
-        elif len(form) == 1:
-            translate[point] = form
-        else:
-            expand[char] = form
-            slow.append(point)
-    # texts are lowered before the tables apply: lower() must give one character that does not expand
-    slow.extend(ord(c) for c in cased if len(c.lower()) != 1 or c.lower() in expand)
-    changed = [point for point, form in translate.items() if form is not None]
-    bmp_fillers = _char_class([point for point in fillers if point <= _BMP_MAX])
-    # Negated, the class of BMP characters kept as they are also matches every astral character,
-    # and stays a bitmap (a class listing astral members is searched range by range).
-    touched = set(translate) | {ord(char) for char in expand}
-    kept = _char_class([point for point in range(_BMP_MAX + 1) if point not in touched])
-    slow_bmp = _char_class([point for point in slow if point <= _BMP_MAX])
-    return _Tables(
-        translate=translate,
-        expand=expand,
-        fillers=re.compile(bmp_fillers),
-        changes=re.compile(_char_class([point for point in changed if point <= _BMP_MAX])),
-        slow=re.compile(slow_bmp),
-        special=re.compile(f"{slow_bmp}|{_ASTRAL.pattern}"),
-        astral_slow=frozenset(chr(point) for point in slow if point > _BMP_MAX),
-        dropped=re.compile(f"{bmp_fillers}|{_ASTRAL.pattern}"),
-        touched=re.compile(f"[^{kept[1:]}"),
-    )
-
-
-def _form(char: str, category: str, t2s: dict[str, str]) -> str:
-    if char in BREAKS:
-        return char
-    if char.isascii():
-        return "" if category in _FILLER_CATEGORIES else char.lower()
-    compat = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", char).lower())
-    kept = (c for c in compat if unicodedata.category(c) not in _FILLER_CATEGORIES)
-    return "".join(t2s.get(c, c) for c in kept)
-
-
-def _code_points(ranges: Iterable[tuple[int, int]]) -> list[str]:
-    return [
-        chr(point)
-        for low, high in ranges
-        for point in range(low, high + 1)
-        if unicodedata.category(chr(point)) != "Cn"
-    ]
-
-
-def _single_char_conversions(converter: opencc.OpenCC, chars: list[str]) -> dict[str, str]:
-    # One call over all characters, one per line: no phrase spans a newline.
-    converted = converter.convert("\n".join(chars)).split("\n")
-    if len(converted) != len(chars):  # pragma: no cover - OpenCC keeps lines
-        raise RuntimeError("OpenCC changed the number of lines")
-    table = {
-        source: target
-        for source, target in zip(chars, converted, strict=True)
-        if source != target and len(target) == 1
-    }
-    # A few targets convert again (薴 → 苧 → 苎): follow them so the function is idempotent.
-    for source, target in table.items():
-        seen = {source}
-        while target in table and target not in seen:
-            seen.add(target)
-            target = table[target]
-        table[source] = target
-    return table
-
-
-def _char_class(points: list[int]) -> str:
-    if not points:
-        return "(?!)"
-    ranges: list[tuple[int, int]] = []
-    for point in sorted(points):
-        if ranges and point == ranges[-1][1] + 1:
-            ranges[-1] = (ranges[-1][0], point)
-        else:
-            ranges.append((point, point))
-    parts = (
-        re.escape(chr(low)) if low == high else f"{re.escape(chr(low))}-{re.escape(chr(high))}"
-        for low, high in ranges
-    )
-    return "[" + "".join(parts) + "]"

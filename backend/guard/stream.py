@@ -24,10 +24,11 @@ of CPU per 1000 characters at 16, ~2 ms when scanning on every delta.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from backend.guard.lexicon import Severity
-from backend.guard.matcher import Matcher, Occurrence, Scanner, hit
+from backend.guard.matcher import MAX_GAP, Matcher, Occurrence, Track, hit
 from backend.guard.normalize import normalize
 from backend.guard.verdict import Hit, Verdict, apply_mask, verdict
 
@@ -56,7 +57,7 @@ class StreamGuard:
         self._matcher = matcher
         self._hold = matcher.hold_chars
         self._batch = max(batch_chars, 1)
-        self._scanner = Scanner(matcher)
+        self._scanner = _Scanner(matcher)
         self._held = ""  # fed, not yet released; starts at original index self._released
         self._released = 0
         self._scanned = 0  # original characters normalised and searched
@@ -161,6 +162,62 @@ class StreamGuard:
         keep_from = self._track.index_of(self._released - self._hold - 1)
         self._track.drop_before(keep_from)
         self._allows = [allow for allow in self._allows if allow.end > keep_from]
+
+
+class _Scanner:
+    """Aho-Corasick (`Matcher.automaton`) over normalised text fed piece by piece: the search
+    state carries over, so a word split between pieces is found."""
+
+    def __init__(self, matcher: Matcher) -> None:
+        self._patterns = matcher.patterns
+        self._search = matcher.automaton.iter("")
+        self._bytes = 0  # bytes fed so far
+        self._chars = 0  # normalised characters fed so far
+
+    def feed(self, piece: str, track: Track) -> Iterator[Occurrence]:
+        """Occurrences ending in `piece` (absolute normalised indices) whose letters lie close
+        enough together in the original; boundaries, allow-list and segmentation not applied.
+        `track` must hold every character of the occurrences; consume the iterator before the
+        next feed."""
+        raw = piece.encode()
+        base_bytes, base_chars = self._bytes, self._chars
+        self._bytes += len(raw)
+        self._chars += len(piece)
+        self._search.set(raw.decode("latin-1"), False)
+        return self._occurrences(raw, track, base_bytes=base_bytes, base_chars=base_chars)
+
+    def _occurrences(
+        self, raw: bytes, track: Track, *, base_bytes: int, base_chars: int
+    ) -> Iterator[Occurrence]:
+        """Occurrences from the search over the UTF-8 text `raw`, which starts at byte
+        `base_bytes` of the search and at normalised index `base_chars`."""
+        single = raw.isascii()  # byte index == character index
+        done_bytes, done_chars = 0, 0
+        for last_byte, indices in self._search:
+            local = last_byte - base_bytes
+            if single:
+                end = local + 1
+            else:
+                end = done_chars + len(raw[done_bytes : local + 1].decode())
+                done_bytes, done_chars = local + 1, end
+            for index in indices:
+                pattern = self._patterns[index]
+                occurrence = Occurrence(
+                    base_chars + end - pattern.length, base_chars + end, pattern
+                )
+                if _close(occurrence, track.origin):
+                    yield occurrence
+
+
+def _close(occurrence: Occurrence, origin: Callable[[int], int]) -> bool:
+    """Whether the letters of `occurrence` lie at most `MAX_GAP` characters apart in the original."""
+    previous = origin(occurrence.start)
+    for index in range(occurrence.start + 1, occurrence.end):
+        current = origin(index)
+        if current - previous - 1 > MAX_GAP:
+            return False
+        previous = current
+    return True
 
 
 class _StreamTrack:

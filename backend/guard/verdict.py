@@ -39,7 +39,7 @@ class Verdict:
 
 
 CLEAN = Verdict(Action.NONE)
-_ACTIONS = {severity.rank: Action(severity.value) for severity in Severity}  # by rank
+_ACTIONS = {severity.rank: Action(severity.value) for severity in Severity}  # by rank (an int)
 
 
 def verdict(hits: Iterable[Hit]) -> Verdict:
@@ -47,9 +47,10 @@ def verdict(hits: Iterable[Hit]) -> Verdict:
     ordered = tuple(hits)
     if not ordered:
         return CLEAN
-    if len(ordered) > 1:
-        ordered = tuple(sorted(ordered, key=lambda hit: (hit.span, -hit.severity.rank, hit.word)))
-    return Verdict(_ACTIONS[max(hit.severity.rank for hit in ordered)], ordered)
+    if len(ordered) == 1:  # the common case
+        return Verdict(_ACTIONS[ordered[0].severity.rank], ordered)
+    ordered = tuple(sorted(ordered, key=lambda hit: (hit.span, -hit.severity.rank, hit.word)))
+    return Verdict(_ACTIONS[max([hit.severity.rank for hit in ordered])], ordered)
 
 
 def apply_mask(text: str, spans: Iterable[tuple[int, int]], *, offset: int = 0) -> str:

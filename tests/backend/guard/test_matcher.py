@@ -161,3 +161,16 @@ def test_hold_ignores_flag_words(segmenter: Segmenter) -> None:
 def test_word_without_letters_is_refused(segmenter: Segmenter) -> None:
     with pytest.raises(LexiconError):
         _matcher(segmenter, Entry("【】", "x", Severity.BLOCK))
+
+
+def test_span_after_characters_beyond_the_bmp(matcher: Matcher) -> None:
+    text = "𠀀𠀁好，加微😀信𠀂"
+    spans = [hit.span for hit in matcher.check(text).hits if hit.word == "加微信"]
+    assert [text[start:end] for start, end in spans] == ["加微😀信"]
+
+
+def test_key_in_the_middle_of_two_characters_is_no_match(segmenter: Segmenter) -> None:
+    # In UTF-16 (little-endian) 䅂䍄䕅 is 42 41 44 43 45 45: from its second byte on, 41 44 43 45
+    # spells 䑁䕃, which the finder reports; it must not become a hit.
+    matcher = _matcher(segmenter, Entry("\u4441\u4543", "x", Severity.BLOCK))
+    assert matcher.check("\u4142\u4344\u4545").hits == ()

@@ -24,7 +24,7 @@ from psycopg import sql
 from backend.auth import Role, UserStore
 from backend.db import migrate, open_pool
 from backend.embedded import ensure_database
-from tests.fixtures.engines import free_port
+from tests.fixtures.engines import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -107,12 +107,7 @@ async def _spawn_ui(
 
 
 def _stop_ui(process: subprocess.Popen[bytes], database_url: str, name: str) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_process(process)
     # The session's server may already be stopping when module fixtures finalise; the database
     # lives in a temporary server then and goes with it.
     with (
@@ -186,8 +181,7 @@ async def fake_ui_replica(
     """A second chat_ui process sharing fake_ui's database, Redis and engine (another replica)."""
     process, ui = await _spawn_ui(fake_ui.env, tmp_path_factory.mktemp("ui-replica"))
     yield ui
-    process.terminate()
-    process.wait(timeout=20)
+    stop_process(process)
 
 
 @pytest_asyncio.fixture(scope="session")

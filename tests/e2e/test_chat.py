@@ -28,6 +28,15 @@ async def answer_text(page: Page) -> str:
     return (await nodes.last.inner_text()).strip()
 
 
+async def wait_for_partial(page: Page, *, chars: int = 5, polls: int = 400) -> None:
+    """Until the streaming answer shows at least `chars` characters."""
+    for _ in range(polls):
+        if len(await answer_text(page)) >= chars:
+            return
+        await asyncio.sleep(POLL_S)
+    raise AssertionError("no partial answer appeared")
+
+
 async def wait_answer_done(page: Page, *, polls: int = 1200) -> str:
     """The last answer once the stop button is gone (the run ended)."""
     for _ in range(polls):
@@ -80,10 +89,7 @@ async def test_stop_aborts_engine_request(
     fake_engine.script([{"text": text, "chunk_chars": 1, "token_delay_s": 0.05}])
     await login(page, fake_ui)
     await send(page, "写一篇很长的文章")
-    for _ in range(400):
-        if len(await answer_text(page)) >= 5:
-            break
-        await asyncio.sleep(POLL_S)
+    await wait_for_partial(page)
     await page.click("#stop-button")
     log = await fake_engine.settled_log()
     assert len(log) == 1

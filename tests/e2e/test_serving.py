@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 from playwright.async_api import Browser, Page
 
 from tests.e2e.conftest import RunningUI, login
-from tests.e2e.test_chat import ANSWER, POLL_S, answer_text, send, wait_answer_done
+from tests.e2e.test_chat import ANSWER, send, wait_answer_done, wait_for_partial
 from tests.fixtures.engines import FakeEngineHandle
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -56,10 +55,7 @@ async def test_closing_the_page_aborts_the_engine_request(
     page = await context.new_page()
     await login(page, fake_ui)
     await send(page, "写一篇很长的文章")
-    for _ in range(400):
-        if len(await answer_text(page)) >= 5:
-            break
-        await asyncio.sleep(POLL_S)
+    await wait_for_partial(page)
     await context.close()
     log = await fake_engine.settled_log()
     assert log[-1]["disconnected"] is True

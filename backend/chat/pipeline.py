@@ -242,28 +242,15 @@ class ChatPipeline:
             async with (
                 contextlib.aclosing(started.rest) as rest,
                 contextlib.aclosing(_prepend(started.first, rest)) as deltas,
+                contextlib.aclosing(_screened(deltas, screen)) as releases,
             ):
-                try:
-                    async for delta in deltas:
-                        release = screen.feed(delta) if screen is not None else Release(delta)
-                        if release.text:
-                            parts.append(release.text)
-                            yield Token(release.text)
-                        if release.blocked is not None:
-                            blocked = True
-                            break  # leaving the `async with` closes the upstream response
-                except EngineError:
-                    # The engine failed mid-answer: what it did say is still checked and shown.
-                    if screen is not None and (tail := screen.finish()).text:
-                        parts.append(tail.text)
-                        yield Token(tail.text)
-                    raise
-                if screen is not None and not blocked:
-                    release = screen.finish()
+                async for release in releases:
                     if release.text:
                         parts.append(release.text)
                         yield Token(release.text)
-                    blocked = release.blocked is not None
+                    if release.blocked is not None:
+                        blocked = True
+                        break  # leaving the `async with` closes the upstream response
             if blocked:
                 parts = [OUTPUT_BLOCKED_TEXT]  # history keeps what replaced the answer
                 yield Notice(NoticeKind.BLOCKED_OUTPUT, OUTPUT_BLOCKED_TEXT)
@@ -339,3 +326,25 @@ async def _prepend(first: str, rest: AsyncGenerator[str, None]) -> AsyncGenerato
         yield first
     async for delta in rest:
         yield delta
+
+
+async def _screened(
+    deltas: AsyncGenerator[str, None], screen: StreamGuard | None
+) -> AsyncGenerator[Release, None]:
+    """What may be shown of the stream: every delta through the guard's hold-back filter, then the
+    held-back tail once the stream ends -- or fails, since what the engine did say is still
+    checked and shown. Stops after a blocked release. Without a guard, deltas pass as they are."""
+    if screen is None:
+        async for delta in deltas:
+            yield Release(delta)
+        return
+    try:
+        async for delta in deltas:
+            release = screen.feed(delta)
+            yield release
+            if release.blocked is not None:
+                return
+    except EngineError:
+        yield screen.finish()
+        raise
+    yield screen.finish()

@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[cpu,dev]"
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[cpu,rag,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

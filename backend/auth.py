@@ -35,6 +35,23 @@ class User:
     role: Role
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking, as the server knows it (role looked up server-side, never taken from a client)."""
+
+    user: str  # the user's identifier (login name)
+    role: Role
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+    @property
+    def may_manage_documents(self) -> bool:
+        """kb_admin and admin may create knowledge bases and upload; grants narrow kb_admin."""
+        return self.role in (Role.KB_ADMIN, Role.ADMIN)
+
+
 _N, _R, _P = 2**14, 8, 1
 
 

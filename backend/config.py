@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # Dev-mode defaults, refused in production mode.
 DEV_AUTH_SECRET = "dev-only-chainlit-auth-secret-change-me-0123456789"  # noqa: S105
 DEV_ADMIN_PASSWORD = "admin123"  # noqa: S105
+DEV_RAG_TOKEN = "dev-only-rag-service-token-change-me-0123456789"  # noqa: S105
 
 
 class Mode(enum.StrEnum):
@@ -145,6 +146,55 @@ class GuardSettings(BaseModel):
     )
 
 
+class EmbedderKind(enum.StrEnum):
+    BGE_M3 = "bge-m3"  # FlagEmbedding BGEM3FlagModel (dense output)
+    FLAG = "flag"  # FlagEmbedding FlagModel: any BERT-style sentence embedder (tests: MiniLM)
+
+
+class RagSettings(BaseModel):
+    """The knowledge base: RAG worker, ingestion, retrieval (backend/rag/)."""
+
+    worker_url: str = Field(
+        "http://127.0.0.1:8100", description="RAG worker base URL as chat_ui reaches it"
+    )
+    host: str = Field("127.0.0.1", description="RAG worker bind address")
+    port: int = Field(8100, description="RAG worker port")
+    service_token: SecretStr = Field(
+        SecretStr(DEV_RAG_TOKEN), description="shared secret of chat_ui -> RAG worker calls"
+    )
+    storage_dir: Path | None = Field(
+        None, description="uploaded files; unset: <state_dir>/kb-files"
+    )
+    embedder: EmbedderKind = Field(EmbedderKind.BGE_M3, description="`bge-m3` or `flag`")
+    embedding_model: str = Field(
+        "BAAI/bge-m3", description="local model folder, or a hub repo downloaded on first use"
+    )
+    embedding_dim: int = Field(1024, description="embedding dimension of the model")
+    embedding_pooling: str = Field("cls", description="`cls` or `mean` (flag embedder only)")
+    embedding_batch: int = Field(16, description="texts per embedding batch")
+    embedding_max_length: int = Field(512, description="tokens per text the embedder reads")
+    chunk_tokens: int = Field(400, description="target chunk size in tokens")
+    chunk_overlap_tokens: int = Field(60, description="tokens repeated between neighbours")
+    max_file_mb: float = Field(20.0, description="largest accepted upload in MB")
+    parse_cpu_s: int = Field(60, description="CPU seconds a file's parser may use")
+    parse_memory_mb: int = Field(1024, description="address space of the parser process in MB")
+    parse_max_chars: int = Field(5_000_000, description="extracted characters kept per file")
+    top_k: int = Field(5, description="chunks given to the model per question")
+    candidates: int = Field(40, description="chunks fetched by each of dense and full-text search")
+    rrf_k: int = Field(60, description="reciprocal rank fusion constant")
+    ef_search: int = Field(64, description="HNSW ef_search of dense queries")
+    reranker: bool = Field(False, description="rerank fused chunks with FlagReranker (slow on CPU)")
+    reranker_model: str = Field("BAAI/bge-reranker-v2-m3", description="reranker model")
+    consumers: int = Field(1, description="ingestion consumers in each RAG worker process")
+    max_deliveries: int = Field(3, description="deliveries before a job goes to the dead letters")
+    claim_idle_s: float = Field(
+        60.0, description="seconds before a silent consumer's job is reclaimed"
+    )
+    reconcile_interval_s: float = Field(
+        30.0, description="seconds between re-queues of documents stuck in queued/processing"
+    )
+
+
 class UISettings(BaseModel):
     host: str = Field("127.0.0.1", description="chat UI bind address")
     port: int = Field(8000, description="chat UI port")
@@ -184,6 +234,7 @@ class Settings(BaseSettings):
     ui: UISettings = Field(default_factory=UISettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     guard: GuardSettings = Field(default_factory=GuardSettings)
+    rag: RagSettings = Field(default_factory=RagSettings)
 
     @model_validator(mode="after")
     def _refuse_dev_secrets(self) -> Settings:
@@ -192,6 +243,7 @@ class Settings(BaseSettings):
         defaults = {
             "QWEN_UI__AUTH_SECRET": (self.ui.auth_secret, DEV_AUTH_SECRET),
             "QWEN_UI__ADMIN_PASSWORD": (self.ui.admin_password, DEV_ADMIN_PASSWORD),
+            "QWEN_RAG__SERVICE_TOKEN": (self.rag.service_token, DEV_RAG_TOKEN),
         }
         unset = [name for name, (value, dev) in defaults.items() if value.get_secret_value() == dev]
         if unset:
@@ -201,6 +253,11 @@ class Settings(BaseSettings):
         if len(self.ui.auth_secret.get_secret_value()) < 32:
             raise ValueError("QWEN_UI__AUTH_SECRET must be at least 32 characters in production")
         return self
+
+    @property
+    def rag_storage_dir(self) -> Path:
+        """Where uploaded files are kept (content-addressed; never a user's file name)."""
+        return self.rag.storage_dir or self.state_dir / "kb-files"
 
     @property
     def run_dir(self) -> Path:

@@ -15,7 +15,14 @@
     │   │                           (`phase` tells which)
     │   └── EngineRejected          the engine refused the request (4xx): too long, bad parameters
     ├── AuthError                   bad credentials or a forbidden action
-    │   └── UserExists
+    │   ├── UserExists
+    │   └── Forbidden               authenticated, but the role or grant does not allow it
+    ├── KnowledgeBaseError          the knowledge base refused or could not do something
+    │   ├── KnowledgeBaseNotFound   no such knowledge base (or not visible to this user)
+    │   ├── DocumentNotFound
+    │   ├── DocumentRejected        a file is refused before or while parsing (`reason` says why)
+    │   ├── EmbeddingMismatch       the store was indexed with another model / dimension
+    │   └── RagUnavailable          the RAG worker could not be reached
     └── ServiceBusy                 no engine slot for this request now; degrade or refuse politely
         ├── QueueFull               the wait queue was at its maximum depth on entry
         └── QueueTimeout            the wait budget ran out before a slot freed
@@ -129,3 +136,67 @@ class LexiconError(ConfigError):
     """A guard lexicon could not be read; the message names the file and line for admins."""
 
     user_message = "敏感词词库有误，请联系管理员。"
+
+
+class Forbidden(AuthError):
+    user_message = "没有权限执行此操作。"
+
+
+class KnowledgeBaseError(QwenStackError):
+    user_message = "知识库操作失败，请稍后再试。"
+
+
+class KnowledgeBaseNotFound(KnowledgeBaseError):
+    user_message = "知识库不存在，或你没有访问权限。"
+
+
+class DocumentNotFound(KnowledgeBaseError):
+    user_message = "文档不存在，或你没有访问权限。"
+
+
+class RejectReason(enum.StrEnum):
+    """Why a file was refused; each has a Chinese message that tells the uploader what to do."""
+
+    EMPTY = "empty"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_TYPE = "unsupported_type"
+    MALFORMED = "malformed"
+    ENCRYPTED = "encrypted"
+    ARCHIVE_BOMB = "archive_bomb"
+    XML_ENTITIES = "xml_entities"
+    NO_TEXT = "no_text"
+    RESOURCE_LIMIT = "resource_limit"
+    DUPLICATE = "duplicate"
+
+
+_REJECT_MESSAGES: dict[RejectReason, str] = {
+    RejectReason.EMPTY: "文件是空的（0 字节），请检查后重新上传。",
+    RejectReason.TOO_LARGE: "文件过大，超过了上传上限，请拆分后再上传。",
+    RejectReason.UNSUPPORTED_TYPE: "不支持的文件类型：仅支持 PDF、DOCX、TXT、Markdown、HTML。",
+    RejectReason.MALFORMED: "文件已损坏或格式不正确，无法解析。",
+    RejectReason.ENCRYPTED: "文件已加密（有密码保护），请去除密码后再上传。",
+    RejectReason.ARCHIVE_BOMB: "文件解压后体积异常（疑似压缩炸弹），已拒绝。",
+    RejectReason.XML_ENTITIES: "文件包含不安全的 XML 实体定义，已拒绝。",
+    RejectReason.NO_TEXT: "文件中没有可提取的文字（可能是扫描件），暂不支持。",
+    RejectReason.RESOURCE_LIMIT: "文件解析耗时或占用内存过多，已中止。",
+    RejectReason.DUPLICATE: "该知识库中已有内容完全相同的文件。",
+}
+
+
+class DocumentRejected(KnowledgeBaseError):
+    def __init__(self, reason: RejectReason, detail: str = "") -> None:
+        super().__init__(f"document rejected: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason = reason
+        self.detail = detail
+
+    @property
+    def user_message(self) -> str:  # type: ignore[override]
+        return _REJECT_MESSAGES[self.reason]
+
+
+class EmbeddingMismatch(KnowledgeBaseError):
+    user_message = "知识库的向量模型与当前配置不一致，请联系管理员重建索引。"
+
+
+class RagUnavailable(KnowledgeBaseError):
+    user_message = "知识库服务暂时不可用，请稍后再试。"

@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.models",
     "tests.fixtures.engines",
+    "tests.fixtures.documents",
+    "tests.fixtures.rag",
 ]

@@ -62,7 +62,14 @@ def test_production_with_real_secrets_passes(env: pytest.MonkeyPatch) -> None:
     env.setenv("QWEN_MODE", "production")
     env.setenv("QWEN_UI__AUTH_SECRET", REAL_SECRET)
     env.setenv("QWEN_UI__ADMIN_PASSWORD", REAL_PASSWORD)
+    env.setenv("QWEN_RAG__SERVICE_TOKEN", REAL_SECRET + "-rag")
     assert Settings().mode is Mode.PRODUCTION
+
+
+def test_production_refuses_dev_rag_token(env: pytest.MonkeyPatch) -> None:
+    env.setenv("QWEN_UI__AUTH_SECRET", REAL_SECRET)
+    env.setenv("QWEN_UI__ADMIN_PASSWORD", REAL_PASSWORD)
+    assert "QWEN_RAG__SERVICE_TOKEN" in _production_error(env)
 
 
 def test_env_prefix(env: pytest.MonkeyPatch) -> None:

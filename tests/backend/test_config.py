@@ -48,6 +48,7 @@ def test_production_names_only_dev_secrets(env: pytest.MonkeyPatch) -> None:
 def test_production_refuses_short_auth_secret(env: pytest.MonkeyPatch) -> None:
     env.setenv("QWEN_UI__AUTH_SECRET", "short-secret")
     env.setenv("QWEN_UI__ADMIN_PASSWORD", REAL_PASSWORD)
+    env.setenv("QWEN_RAG__SERVICE_TOKEN", REAL_SECRET + "-rag")
     assert "at least 32 characters" in _production_error(env)
 
 

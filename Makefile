@@ -7,6 +7,8 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # `make run MODEL=tiny` runs on a tiny generated model (offline); MODEL=/path/to/x.gguf on a local file;
 # empty: the default Qwen GGUF, downloaded on first use.
 MODEL  ?=
+# `make run DEMO=0` starts without loading the demo knowledge base.
+DEMO   ?= 1
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-m 'not browser' -x"`.
 PYTEST_ARGS ?=
 
@@ -28,7 +30,7 @@ system-deps:
 	fi
 
 run: install
-	$(BIN)/qwen-stack up $(if $(MODEL),--model $(MODEL),)
+	$(BIN)/qwen-stack up $(if $(MODEL),--model $(MODEL),) $(if $(filter 1,$(DEMO)),--demo,)
 
 lint: install
 	$(BIN)/ruff check .

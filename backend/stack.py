@@ -1,8 +1,8 @@
 """`qwen-stack up`: the whole system on one machine.
 
 Starts embedded PostgreSQL and Redis (or uses the configured URLs), applies migrations, makes sure
-the admin login exists, then supervises the engine (unless an external LLM URL is configured) and
-the chat UI as child processes until SIGINT/SIGTERM, when everything stops in reverse order.
+the admin login exists, then supervises the engine (unless an external LLM URL is configured), the
+RAG worker and the chat UI as child processes until SIGINT/SIGTERM, when everything stops in reverse order.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from backend.auth import Role, UserStore
 from backend.config import Mode, Settings, child_env
 from backend.db import migrate, open_pool
 from backend.embedded import EmbeddedServices
+from backend.errors import QwenStackError
 from backend.serving.launcher import engine_base_url, engine_command, local_engine_settings
 from backend.serving.models import resolve_model
 from backend.serving.status import StatusBoard
 from backend.supervisor import ChildSpec, Supervisor
 
 ENGINE = "engine"
+RAG = "rag-worker"
 UI = "ui"
 ENGINE_READY_TIMEOUT_S = 600.0
 UI_READY_TIMEOUT_S = 120.0
@@ -48,6 +50,25 @@ def ui_command(settings: Settings) -> list[str]:
         "--host", settings.ui.host, "--port", str(settings.ui.port),
         "--timeout-graceful-shutdown", "15", "--log-level", "warning",
     ]  # fmt: skip
+
+
+def rag_command(settings: Settings) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "backend.rag.api:create_app", "--factory",
+        "--host", settings.rag.host, "--port", str(settings.rag.port),
+        "--timeout-graceful-shutdown", "30", "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def rag_env(settings: Settings) -> dict[str, str]:
+    """The embedder settings as the worker child must see them (`--model tiny` changes them)."""
+    rag = settings.rag
+    return {
+        "QWEN_RAG__EMBEDDER": str(rag.embedder),
+        "QWEN_RAG__EMBEDDING_MODEL": rag.embedding_model,
+        "QWEN_RAG__EMBEDDING_DIM": str(rag.embedding_dim),
+        "QWEN_RAG__EMBEDDING_POOLING": rag.embedding_pooling,
+    }
 
 
 def engine_process_names(count: int) -> list[str]:
@@ -84,6 +105,17 @@ def plan(
         urls = [engine_base_url(replica) for replica in replicas]
         ui_env["QWEN_SERVING__REPLICAS"] = json.dumps(urls)
         ui_env["QWEN_SERVING__ENGINE_PROCESSES"] = json.dumps(names)
+    rag_host = "127.0.0.1" if settings.rag.host in {"0.0.0.0", ""} else settings.rag.host  # noqa: S104
+    children.append(
+        ChildSpec(
+            name=RAG,
+            argv=rag_command(settings),
+            env={**env, **rag_env(settings)},
+            log_path=logs / "rag-worker.log",
+            cwd=Path(__file__).resolve().parent.parent,
+            ready_url=f"http://{rag_host}:{settings.rag.port}/readyz",
+        )
+    )
     children.append(
         ChildSpec(
             name=UI,
@@ -109,7 +141,24 @@ async def ensure_admin(database_url: str, settings: Settings) -> None:
         await pool.close()
 
 
-async def run(settings: Settings, *, out: TextIO, engines: int = 1) -> int:
+async def load_demo_kb(settings: Settings, out: TextIO) -> None:
+    """Upload the demo knowledge base; a failure is reported, not fatal (the chat still works)."""
+    from backend.rag import demo
+    from backend.rag.commands import client_for
+
+    client = client_for(settings)
+    try:
+        results = await demo.load_demo(client, user=settings.ui.admin_user)
+    except QwenStackError as exc:
+        out.write(f"demo knowledge base not loaded: {exc}\n")
+        return
+    finally:
+        await client.aclose()
+    new = sum(1 for r in results if r.accepted and not r.duplicate)
+    out.write(f"demo knowledge base {demo.DEMO_KB}: {len(results)} files ({new} new, indexing)\n")
+
+
+async def run(settings: Settings, *, out: TextIO, engines: int = 1, demo: bool = False) -> int:
     """Run until a stop signal; returns the exit code. Raises QwenStackError on start-up failure."""
     started = time.monotonic()
     # Resolve the model first: offline without a local file this fails in seconds, before anything
@@ -138,6 +187,8 @@ async def run(settings: Settings, *, out: TextIO, engines: int = 1) -> int:
         if not await _wait_all(supervisor, stack, stop):
             out.write("a process did not become ready; see the logs above\n")
             return 1
+        if demo:
+            await load_demo_kb(settings, out)
         out.write(f"\nqwen-stack is up in {time.monotonic() - started:.1f}s: {stack.ui_url}\n")
         if settings.mode is Mode.DEV:
             out.write(
@@ -160,7 +211,8 @@ async def run(settings: Settings, *, out: TextIO, engines: int = 1) -> int:
 
 async def _wait_all(supervisor: Supervisor, stack: StackPlan, stop: asyncio.Event) -> bool:
     for child in stack.children:
-        timeout = ENGINE_READY_TIMEOUT_S if child.name.startswith(ENGINE) else UI_READY_TIMEOUT_S
+        slow = child.name.startswith(ENGINE) or child.name == RAG  # load models
+        timeout = ENGINE_READY_TIMEOUT_S if slow else UI_READY_TIMEOUT_S
         waiter = asyncio.create_task(supervisor.wait_running(child.name, timeout_s=timeout))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from backend.config import EngineSettings, LLMSettings, Settings, UISettings
-from backend.stack import ENGINE, UI, plan, ui_command
+from backend.config import (
+    EmbedderKind,
+    EngineSettings,
+    LLMSettings,
+    RagSettings,
+    Settings,
+    UISettings,
+)
+from backend.stack import ENGINE, RAG, UI, plan, ui_command
 
 MODEL = Path("/models/qwen.gguf")
 
@@ -24,12 +31,31 @@ def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
         state_dir=tmp_path,
         engine=EngineSettings(host="127.0.0.1", port=8181),
         ui=UISettings(host="127.0.0.1", port=8100),
+        rag=RagSettings(host="127.0.0.1", port=8200),
     )
 
 
-def test_local_engine_plans_engine_then_ui(settings: Settings) -> None:
+def test_local_engine_plans_engine_then_rag_worker_then_ui(settings: Settings) -> None:
     children = plan(settings, env={}, model=MODEL).children
-    assert [child.name for child in children] == [ENGINE, UI]
+    assert [child.name for child in children] == [ENGINE, RAG, UI]
+
+
+def test_rag_worker_is_ready_when_readyz_answers(settings: Settings) -> None:
+    worker = next(c for c in plan(settings, env={}, model=MODEL).children if c.name == RAG)
+    assert worker.ready_url == "http://127.0.0.1:8200/readyz"
+
+
+def test_rag_worker_is_told_the_embedder(settings: Settings) -> None:
+    small = settings.model_copy(
+        update={
+            "rag": RagSettings(embedder=EmbedderKind.FLAG, embedding_model="/m", embedding_dim=384)
+        }
+    )
+    worker = next(c for c in plan(small, env={}, model=MODEL).children if c.name == RAG)
+    assert (worker.env["QWEN_RAG__EMBEDDER"], worker.env["QWEN_RAG__EMBEDDING_DIM"]) == (
+        "flag",
+        "384",
+    )
 
 
 def test_engine_is_ready_when_models_answer(settings: Settings) -> None:
@@ -67,10 +93,10 @@ def test_logs_go_to_run_dir(settings: Settings) -> None:
     assert {child.log_path.parent for child in children} == {settings.run_dir / "logs"}
 
 
-def test_external_engine_plans_only_ui(settings: Settings) -> None:
+def test_external_engine_plans_no_engine(settings: Settings) -> None:
     external = settings.model_copy(update={"llm": LLMSettings(base_url="http://vllm:8000/v1")})
     children = plan(external, env={}, model=None).children
-    assert [child.name for child in children] == [UI]
+    assert [child.name for child in children] == [RAG, UI]
 
 
 def test_wildcard_ui_host_is_reached_on_loopback(settings: Settings) -> None:

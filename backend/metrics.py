@@ -57,7 +57,61 @@ class Metrics:
             "prompt_tokens", "Prompt tokens sent to the engines.", namespace=NAMESPACE,
             registry=r,
         )  # fmt: skip
+        self.rate_limited = Counter(
+            "rate_limited", "Requests refused by a per-user limit, by kind.", ["kind"],
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.audit_failures = Counter(
+            "audit_write_failures", "Audit records that could not be written, by sink.",
+            ["sink"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+INGEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+RETRIEVE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
+
+
+class RagMetrics:
+    """The RAG worker's metrics (its own process and registry): uploads, ingestion, retrieval."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.uploads = Counter(
+            "rag_uploads", "Uploaded files by outcome (queued, duplicate, or the reject reason).",
+            ["outcome"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.documents = Counter(
+            "rag_documents", "Documents finished by the ingestion consumers, by outcome.",
+            ["outcome"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.stage_seconds = Histogram(
+            "rag_ingest_stage_seconds", "Time per document in each ingestion stage.", ["stage"],
+            namespace=NAMESPACE, buckets=INGEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.chunks = Counter(
+            "rag_chunks_indexed", "Chunks written to the store.", namespace=NAMESPACE, registry=r
+        )
+        self.dead_letters = Counter(
+            "rag_dead_letters", "Jobs moved to the dead-letter stream.", namespace=NAMESPACE,
+            registry=r,
+        )  # fmt: skip
+        self.stream_lag = Gauge(
+            "rag_stream_lag", "Ingestion jobs not yet delivered to a consumer (last seen).",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.stream_pending = Gauge(
+            "rag_stream_pending", "Ingestion jobs delivered but not acknowledged (last seen).",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.retrieve_seconds = Histogram(
+            "rag_retrieve_seconds", "The whole retrieve call: embed, dense, full text, fusion.",
+            namespace=NAMESPACE, buckets=RETRIEVE_BUCKETS, registry=r,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
         return generate_latest(self.registry)

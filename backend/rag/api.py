@@ -80,10 +80,36 @@ def error_response(exc: QwenStackError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+def _service(request: Request) -> RagService:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+async def _principal(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_qwen_user: Annotated[str | None, Header()] = None,
+) -> Principal:
+    """The acting user: the service token must match; the role comes from the users table."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.encode(), request.app.state.token
+    ):
+        raise AuthError("missing or wrong service token")
+    if not x_qwen_user:
+        raise AuthError("no acting user")
+    user = await UserStore(_service(request).pool).get(x_qwen_user)
+    if user is None:
+        raise Forbidden("unknown acting user")
+    return Principal(user=user.identifier, role=user.role)
+
+
+Who = Annotated[Principal, Depends(_principal)]
+Svc = Annotated[RagService, Depends(_service)]
+
+
 def create_app(settings: Settings | None = None, *, service: RagService | None = None) -> FastAPI:
     """The ASGI app. `service` (tests) replaces the one built from settings in the lifespan."""
     settings = settings or Settings()
-    token = settings.rag.service_token.get_secret_value().encode()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,27 +128,9 @@ def create_app(settings: Settings | None = None, *, service: RagService | None =
         title="qwen-stack RAG worker", version="1", lifespan=lifespan, docs_url=None,
         redoc_url=None,
     )  # fmt: skip
-
-    def svc(request: Request) -> RagService:
-        return request.app.state.service  # type: ignore[no-any-return]
-
-    async def principal(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_qwen_user: Annotated[str | None, Header()] = None,
-    ) -> Principal:
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token):
-            raise AuthError("missing or wrong service token")
-        if not x_qwen_user:
-            raise AuthError("no acting user")
-        user = await UserStore(svc(request).pool).get(x_qwen_user)
-        if user is None:
-            raise Forbidden("unknown acting user")
-        return Principal(user=user.identifier, role=user.role)
-
-    Who = Annotated[Principal, Depends(principal)]
-    Svc = Annotated[RagService, Depends(svc)]
+    app.state.token = settings.rag.service_token.get_secret_value().encode()
+    if service is not None:  # also without a lifespan run (in-process ASGI transports)
+        app.state.service = service
 
     @app.exception_handler(QwenStackError)
     async def on_ours(request: Request, exc: QwenStackError) -> JSONResponse:
@@ -174,7 +182,7 @@ def create_app(settings: Settings | None = None, *, service: RagService | None =
     @app.get("/v1/kbs/{kb}/documents")
     async def list_documents(kb: str, who: Who, service: Svc) -> list[DocumentOut]:
         found = await service.store.get_kb(kb, principal=who)
-        return [DocumentOut.of(d) for d in await service.store.list_documents(found)]
+        return [DocumentOut.of(d) for d in await service.store.list_documents(found, principal=who)]
 
     @app.post("/v1/kbs/{kb}/documents", status_code=202)
     async def upload(

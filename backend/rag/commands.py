@@ -59,9 +59,9 @@ async def ingest(
         deadline = time.monotonic() + INGEST_TIMEOUT_S
         while len(final) < len(waiting) and time.monotonic() < deadline:
             for doc_id in [d for d in waiting if d not in final]:
-                doc = await client.job(doc_id, user=acting)
-                if doc.status in _DONE:
-                    final[doc_id] = doc
+                now = await client.job(doc_id, user=acting)
+                if now.status in _DONE:
+                    final[doc_id] = now
                     bar.update(1)
             if len(final) < len(waiting):
                 await asyncio.sleep(POLL_S)
@@ -70,7 +70,7 @@ async def ingest(
         await client.aclose()
     rows = []
     for r in results:
-        doc = final.get(r.document.id) if r.document else None
+        doc: DocumentOut | None = final.get(r.document.id) if r.document else None
         rows.append({
             "file": r.filename, "document_id": r.document.id if r.document else None,
             "status": doc.status if doc else ("rejected" if not r.accepted else "pending"),

@@ -35,11 +35,9 @@ from backend.rag.records import DocumentRecord, KnowledgeBase
 from backend.rag.retrieval import Retriever
 from backend.rag.storage import FileStorage, safe_display_name
 from backend.rag.store import KnowledgeStore
-from backend.rag.worker import IngestWorker, Reconciler, build_worker
+from backend.rag.worker import IngestWorker, build_worker, reconciler_for
 
 logger = logging.getLogger(__name__)
-
-_SNIFF_BYTES = 1 << 20  # the head that format detection reads
 
 
 @dataclass
@@ -69,8 +67,9 @@ class RagService:
         await migrate(database_url)
         pool = await open_pool(database_url)
         redis = aioredis.from_url(
-            settings.redis.url.get_secret_value(), socket_connect_timeout=3, socket_timeout=10
-        )
+            settings.redis.url.get_secret_value(), decode_responses=True,
+            socket_connect_timeout=3, socket_timeout=10,  # above the 1 s XREADGROUP block
+        )  # fmt: skip
         try:
             embedder = await asyncio.to_thread(
                 load_embedder, settings.rag, engine=settings.engine,
@@ -108,11 +107,7 @@ class RagService:
             )  # fmt: skip
             self.workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(self._stop)))
-        reconciler = Reconciler(
-            self.store, self.jobs, interval_s=self.settings.rag.reconcile_interval_s,
-            queued_for_s=max(60.0, 2 * self.settings.rag.claim_idle_s),
-            processing_grace_s=self.settings.rag.claim_idle_s,
-        )  # fmt: skip
+        reconciler = reconciler_for(self.settings, self.store, self.jobs)
         self._tasks.append(asyncio.create_task(reconciler.run(self._stop)))
 
     async def aclose(self) -> None:
@@ -147,8 +142,7 @@ class RagService:
         stored = await asyncio.to_thread(self.storage.save, source, max_bytes=max_bytes)
         try:
             path = self.storage.path(stored.key)
-            head = await asyncio.to_thread(_read_head, path)
-            fmt = detect_format(head)
+            fmt = detect_format(await asyncio.to_thread(path.read_bytes))  # size-capped above
         except DocumentRejected as exc:
             self.metrics.uploads.labels(outcome=str(exc.reason)).inc()
             raise
@@ -195,8 +189,3 @@ class RagService:
     ) -> list[Hit]:
         with self.metrics.retrieve_seconds.time():
             return await self.retriever.retrieve(query, principal=principal, kbs=kbs, top_k=top_k)
-
-
-def _read_head(path: os.PathLike[str]) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(_SNIFF_BYTES)

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_AUTH_SECRET = "dev-only-chainlit-auth-secret-change-me-0123456789"  # noqa: S105
 DEV_ADMIN_PASSWORD = "admin123"  # noqa: S105
 DEV_RAG_TOKEN = "dev-only-rag-service-token-change-me-0123456789"  # noqa: S105
+DEV_AUDIT_HMAC_KEY = "dev-only-audit-hmac-key-change-me-0123456789"
 
 
 class Mode(enum.StrEnum):
@@ -195,6 +196,37 @@ class RagSettings(BaseModel):
     )
 
 
+class AuditSettings(BaseModel):
+    """The audit log (backend/audit.py): one hash-chained record per chat request in PostgreSQL."""
+
+    hmac_key: SecretStr = Field(
+        SecretStr(DEV_AUDIT_HMAC_KEY),
+        description="key of the HMAC-SHA256 that stands for each prompt in the audit log",
+    )
+    jsonl_path: Path | None = Field(
+        None, description="also append each record as one JSON line here (SIEM); unset: off"
+    )
+
+
+class RateLimitSettings(BaseModel):
+    """Per-user limits kept in Redis (backend/ratelimit.py), shared by every chat_ui replica."""
+
+    messages_per_minute: float = Field(
+        20.0, description="messages a user may send per minute, sustained (token bucket rate)"
+    )
+    message_burst: int = Field(
+        6, description="messages a user may send at once before the rate applies (bucket size)"
+    )
+    concurrent_answers: int = Field(2, description="answers one user may have generating at once")
+    login_attempts_per_user: int = Field(
+        10, description="failed logins per user name within the login window"
+    )
+    login_attempts_per_ip: int = Field(
+        50, description="failed logins per client IP within the login window"
+    )
+    login_window_s: int = Field(900, description="seconds a failed login is counted")
+
+
 class UISettings(BaseModel):
     host: str = Field("127.0.0.1", description="chat UI bind address")
     port: int = Field(8000, description="chat UI port")
@@ -235,6 +267,8 @@ class Settings(BaseSettings):
     serving: ServingSettings = Field(default_factory=ServingSettings)
     guard: GuardSettings = Field(default_factory=GuardSettings)
     rag: RagSettings = Field(default_factory=RagSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
     @model_validator(mode="after")
     def _refuse_dev_secrets(self) -> Settings:
@@ -244,6 +278,7 @@ class Settings(BaseSettings):
             "QWEN_UI__AUTH_SECRET": (self.ui.auth_secret, DEV_AUTH_SECRET),
             "QWEN_UI__ADMIN_PASSWORD": (self.ui.admin_password, DEV_ADMIN_PASSWORD),
             "QWEN_RAG__SERVICE_TOKEN": (self.rag.service_token, DEV_RAG_TOKEN),
+            "QWEN_AUDIT__HMAC_KEY": (self.audit.hmac_key, DEV_AUDIT_HMAC_KEY),
         }
         unset = [name for name, (value, dev) in defaults.items() if value.get_secret_value() == dev]
         if unset:

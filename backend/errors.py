@@ -25,7 +25,8 @@
     │   └── RagUnavailable          the RAG worker could not be reached
     └── ServiceBusy                 no engine slot for this request now; degrade or refuse politely
         ├── QueueFull               the wait queue was at its maximum depth on entry
-        └── QueueTimeout            the wait budget ran out before a slot freed
+        ├── QueueTimeout            the wait budget ran out before a slot freed
+        └── RateLimited             the user sent too much or too fast (`retry_after_s`)
 
 Only `chat_ui/`, HTTP handlers and the CLI turn these into messages.
 """
@@ -33,6 +34,7 @@ Only `chat_ui/`, HTTP handlers and the CLI turn these into messages.
 from __future__ import annotations
 
 import enum
+import math
 
 
 class QwenStackError(Exception):
@@ -200,3 +202,24 @@ class EmbeddingMismatch(KnowledgeBaseError):
 
 class RagUnavailable(KnowledgeBaseError):
     user_message = "知识库服务暂时不可用，请稍后再试。"
+
+
+_RATE_LIMIT_MESSAGES = {  # by `RateLimited.kind` (backend/ratelimit.py LimitKind values)
+    "concurrency": "您已有回答正在生成，请等它结束，或 {n} 秒后再试。",
+    "login": "登录尝试次数过多，请 {n} 秒后再试。",
+}
+
+
+class RateLimited(ServiceBusy):
+    """A per-user limit refused the request. `retry_after_s`: seconds until it would pass;
+    `kind`: which limit (`messages`, `concurrency`, `login`)."""
+
+    def __init__(self, retry_after_s: float, *, kind: str = "messages") -> None:
+        super().__init__(f"rate limited ({kind}); retry after {retry_after_s:.1f}s")
+        self.retry_after_s = retry_after_s
+        self.kind = kind
+
+    @property
+    def user_message(self) -> str:  # type: ignore[override]
+        template = _RATE_LIMIT_MESSAGES.get(self.kind, "发送太频繁，请 {n} 秒后再试。")
+        return template.format(n=max(1, math.ceil(self.retry_after_s)))

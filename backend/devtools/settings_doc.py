@@ -9,11 +9,17 @@ from __future__ import annotations
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from backend.config import DEV_ADMIN_PASSWORD, DEV_AUTH_SECRET, Settings
+from backend.config import (
+    DEV_ADMIN_PASSWORD,
+    DEV_AUDIT_HMAC_KEY,
+    DEV_AUTH_SECRET,
+    DEV_RAG_TOKEN,
+    Settings,
+)
 
 BEGIN = "<!-- settings-table:begin -->"
 END = "<!-- settings-table:end -->"
-DEV_SECRETS = {DEV_AUTH_SECRET, DEV_ADMIN_PASSWORD}
+DEV_SECRETS = {DEV_AUTH_SECRET, DEV_ADMIN_PASSWORD, DEV_RAG_TOKEN, DEV_AUDIT_HMAC_KEY}
 
 
 def _default(field: FieldInfo) -> str:

@@ -49,6 +49,7 @@ def test_production_refuses_short_auth_secret(env: pytest.MonkeyPatch) -> None:
     env.setenv("QWEN_UI__AUTH_SECRET", "short-secret")
     env.setenv("QWEN_UI__ADMIN_PASSWORD", REAL_PASSWORD)
     env.setenv("QWEN_RAG__SERVICE_TOKEN", REAL_SECRET + "-rag")
+    env.setenv("QWEN_AUDIT__HMAC_KEY", REAL_SECRET + "-audit")
     assert "at least 32 characters" in _production_error(env)
 
 
@@ -64,6 +65,7 @@ def test_production_with_real_secrets_passes(env: pytest.MonkeyPatch) -> None:
     env.setenv("QWEN_UI__AUTH_SECRET", REAL_SECRET)
     env.setenv("QWEN_UI__ADMIN_PASSWORD", REAL_PASSWORD)
     env.setenv("QWEN_RAG__SERVICE_TOKEN", REAL_SECRET + "-rag")
+    env.setenv("QWEN_AUDIT__HMAC_KEY", REAL_SECRET + "-audit")
     assert Settings().mode is Mode.PRODUCTION
 
 
@@ -71,6 +73,25 @@ def test_production_refuses_dev_rag_token(env: pytest.MonkeyPatch) -> None:
     env.setenv("QWEN_UI__AUTH_SECRET", REAL_SECRET)
     env.setenv("QWEN_UI__ADMIN_PASSWORD", REAL_PASSWORD)
     assert "QWEN_RAG__SERVICE_TOKEN" in _production_error(env)
+
+
+def test_production_refuses_dev_audit_key(env: pytest.MonkeyPatch) -> None:
+    env.setenv("QWEN_UI__AUTH_SECRET", REAL_SECRET)
+    env.setenv("QWEN_UI__ADMIN_PASSWORD", REAL_PASSWORD)
+    env.setenv("QWEN_RAG__SERVICE_TOKEN", REAL_SECRET + "-rag")
+    assert "QWEN_AUDIT__HMAC_KEY" in _production_error(env)
+
+
+def test_audit_key_from_env(env: pytest.MonkeyPatch) -> None:
+    env.setenv("QWEN_AUDIT__HMAC_KEY", REAL_SECRET)
+    assert Settings().audit.hmac_key.get_secret_value() == REAL_SECRET
+
+
+def test_rate_limits_from_env(env: pytest.MonkeyPatch) -> None:
+    env.setenv("QWEN_RATELIMIT__MESSAGES_PER_MINUTE", "30")
+    env.setenv("QWEN_RATELIMIT__CONCURRENT_ANSWERS", "1")
+    limits = Settings().ratelimit
+    assert (limits.messages_per_minute, limits.concurrent_answers) == (30.0, 1)
 
 
 def test_env_prefix(env: pytest.MonkeyPatch) -> None:

@@ -18,17 +18,24 @@ async def _recorded_versions(url: str) -> list[str]:
         return [row[0] for row in await cur.fetchall()]
 
 
-def test_ships_init_migration() -> None:
-    assert migration_files()[0][0] == "0001_init"
+SHIPPED = [version for version, _ in migration_files()]
 
 
-async def test_migrate_applies_init(database: str) -> None:
-    assert await migrate(database) == ["0001_init"]
+def test_ships_init_migration_first() -> None:
+    assert SHIPPED[0] == "0001_init"
+
+
+def test_migrations_are_numbered_in_order() -> None:
+    assert [int(v.split("_")[0]) for v in SHIPPED] == list(range(1, len(SHIPPED) + 1))
+
+
+async def test_migrate_applies_all(database: str) -> None:
+    assert await migrate(database) == SHIPPED
 
 
 async def test_migrate_records_version(database: str) -> None:
     await migrate(database)
-    assert await _recorded_versions(database) == ["0001_init"]
+    assert await _recorded_versions(database) == SHIPPED
 
 
 async def test_migrate_creates_tables(database: str) -> None:
@@ -38,7 +45,7 @@ async def test_migrate_creates_tables(database: str) -> None:
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
         )
         tables = {row[0] for row in await cur.fetchall()}
-    assert {"users", "threads", "steps", "feedbacks"} <= tables
+    assert {"users", "threads", "steps", "feedbacks", "rag_documents", "audit_log"} <= tables
 
 
 async def test_second_migrate_applies_nothing(database: str) -> None:
@@ -48,12 +55,12 @@ async def test_second_migrate_applies_nothing(database: str) -> None:
 
 async def test_concurrent_migrates_apply_once(database: str) -> None:
     results = await asyncio.gather(migrate(database), migrate(database))
-    assert sorted(results) == [[], ["0001_init"]]
+    assert sorted(results) == [[], SHIPPED]
 
 
 async def test_concurrent_migrates_record_once(database: str) -> None:
     await asyncio.gather(migrate(database), migrate(database), migrate(database))
-    assert await _recorded_versions(database) == ["0001_init"]
+    assert await _recorded_versions(database) == SHIPPED
 
 
 async def test_unreachable_server_raises(tmp_path: Path) -> None:

@@ -57,6 +57,10 @@ class Metrics:
             "prompt_tokens", "Prompt tokens sent to the engines.", namespace=NAMESPACE,
             registry=r,
         )  # fmt: skip
+        self.citations_removed = Counter(
+            "citations_removed", "Citations [n] to no retrieved chunk, removed from answers.",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
         self.rate_limited = Counter(
             "rate_limited", "Requests refused by a per-user limit, by kind.", ["kind"],
             namespace=NAMESPACE, registry=r,

@@ -7,6 +7,7 @@ uncaught one would leave the user with a silent spinner; users get `user_message
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -14,12 +15,24 @@ import chainlit as cl
 from chainlit.input_widget import InputWidget, Select
 from chainlit.types import ThreadDict
 
-from backend.chat.events import Done, Notice, NoticeKind, Outcome, Queued, SentimentLabel, Token
+from backend.audit import CLIENT_DISCONNECTED
+from backend.chat.events import (
+    Cited,
+    Done,
+    Notice,
+    NoticeKind,
+    Outcome,
+    Queued,
+    Retrieved,
+    SentimentLabel,
+    Token,
+)
+from backend.chat.grounding import Knowledge
 from backend.chat.history import History
 from backend.chat.pipeline import Turn
-from backend.errors import AuthError, QwenStackError
+from backend.errors import AuthError, QwenStackError, RateLimited
 from backend.serving.engine import Message
-from chat_ui import runtime
+from chat_ui import knowledge, runtime
 from chat_ui.data_layer import PostgresDataLayer
 
 logger = logging.getLogger("chat_ui.app")
@@ -49,14 +62,32 @@ def _data_layer() -> PostgresDataLayer:
 
 @cl.password_auth_callback
 async def _login(username: str, password: str) -> cl.User | None:
+    """Password login, throttled per name and per client address (failed attempts count)."""
+    rt = runtime.current()
+    ip = runtime.client_ip.get()
     try:
-        user = await runtime.current().users.authenticate(username, password)
+        await rt.logins.check(username, ip=ip)
+        user = await rt.users.authenticate(username, password)
+    except RateLimited as exc:
+        logger.warning("login refused: %s", exc)
+        return None
     except AuthError:
+        with contextlib.suppress(QwenStackError):
+            await rt.logins.failed(username, ip=ip)
         return None
     except QwenStackError:
         logger.exception("login failed on a backend error")
         return None
+    with contextlib.suppress(QwenStackError):
+        await rt.logins.succeeded(username)
     return cl.User(identifier=user.identifier, metadata={"role": user.role.value, "id": user.id})
+
+
+@cl.set_chat_profiles
+async def _profiles(
+    user: cl.User | None = None, language: str | None = None
+) -> list[cl.ChatProfile]:
+    return knowledge.profiles()
 
 
 @cl.set_starters
@@ -74,12 +105,85 @@ async def _send_settings() -> None:
             initial_value="自动",
         )
     ]
+    if knowledge.is_kb_chat():
+        names = await _kb_names()
+        widgets.append(
+            Select(id="kb", label="知识库", values=[knowledge.ALL_KBS, *names],
+                   initial_value=knowledge.ALL_KBS)
+        )  # fmt: skip
     await cl.ChatSettings(widgets).send()
+
+
+async def _kb_names() -> list[str]:
+    try:
+        kbs = await runtime.current().rag.list_kbs(user=_user_id())
+    except QwenStackError as exc:
+        logger.warning("could not list knowledge bases: %s", exc)
+        return []
+    return [kb.name for kb in kbs]
+
+
+def _user_id() -> str:
+    user = cl.user_session.get("user")
+    return str(user.identifier) if user else ""
+
+
+def _chosen_kbs() -> list[str] | None:
+    chosen = cl.user_session.get("kb")
+    return None if not chosen or chosen == knowledge.ALL_KBS else [str(chosen)]
+
+
+async def _upload_target() -> str:
+    """The knowledge base an admin's upload goes to: the chosen one, else the first one they may
+    write, else a new 默认知识库."""
+    chosen = _chosen_kbs()
+    if chosen:
+        return chosen[0]
+    rag = runtime.current().rag
+    writable = [kb for kb in await rag.list_kbs(user=_user_id()) if kb.writable]
+    if writable:
+        return writable[0].name
+    await rag.create_kb("默认知识库", user=_user_id())
+    return "默认知识库"
+
+
+@cl.action_callback(knowledge.UPLOAD_ACTION)
+async def _upload(action: cl.Action) -> None:
+    async def flow() -> None:
+        rt = runtime.current()
+        await knowledge.upload_flow(
+            rt.rag, user=_user_id(), kb=await _upload_target(),
+            max_size_mb=rt.settings.rag.max_file_mb,
+        )  # fmt: skip
+
+    await knowledge.safe("upload", flow())
+
+
+@cl.action_callback(knowledge.LIST_ACTION)
+async def _list(action: cl.Action) -> None:
+    async def flow() -> None:
+        await knowledge.list_flow(runtime.current().rag, user=_user_id(), kb=await _upload_target())
+
+    await knowledge.safe("list documents", flow())
+
+
+@cl.action_callback(knowledge.DELETE_ACTION)
+async def _delete(action: cl.Action) -> None:
+    kb, document_id = str(action.payload.get("kb")), str(action.payload.get("id"))
+    await knowledge.safe(
+        "delete document",
+        knowledge.delete_flow(
+            runtime.current().rag, user=_user_id(), kb=kb, document_id=document_id
+        ),
+    )
 
 
 @cl.on_chat_start
 async def _start() -> None:
     await _send_settings()
+    if knowledge.is_kb_chat():
+        manage = knowledge.may_manage(cl.user_session.get("user"))
+        await knowledge.intro(await _kb_names(), manage=manage)
     try:  # take a slot and warm the replica's prefix cache before the first message
         await runtime.current().pipeline.prepare(cl.context.session.thread_id)
     except QwenStackError as exc:
@@ -89,6 +193,8 @@ async def _start() -> None:
 @cl.on_settings_update
 async def _settings(settings: dict[str, Any]) -> None:
     cl.user_session.set("stream", STREAM_CHOICES.get(str(settings.get("stream"))))
+    if "kb" in settings:
+        cl.user_session.set("kb", settings.get("kb"))
 
 
 @cl.on_chat_end
@@ -98,7 +204,7 @@ async def _end() -> None:
     slot again on its next message."""
     task = cl.context.session.current_task
     if task is not None and not task.done():
-        task.cancel()
+        task.cancel(CLIENT_DISCONNECTED)
     try:
         await runtime.current().pipeline.release(cl.context.session.thread_id)
     except QwenStackError as exc:
@@ -134,6 +240,10 @@ async def _message(message: cl.Message) -> None:
         thread_id=cl.context.session.thread_id,
         text=message.content,
         stream=cl.user_session.get("stream"),
+        user=_user_id(),
+        knowledge=Knowledge(kbs=tuple(kbs) if (kbs := _chosen_kbs()) else None)
+        if knowledge.is_kb_chat()
+        else None,
     )
     reply = cl.Message(content="")
     queue_note: cl.Message | None = None
@@ -151,6 +261,14 @@ async def _message(message: cl.Message) -> None:
                 else:
                     queue_note.content = text
                     await queue_note.update()
+            elif isinstance(event, Retrieved):
+                async with cl.Step(name="知识库检索", type="retrieval") as step:
+                    step.output = knowledge.retrieval_summary(event.sources, event.seconds)
+            elif isinstance(event, Cited):
+                line, elements = knowledge.source_elements(event.sources, list(event.cited))
+                if line:
+                    await reply.stream_token(line)
+                    reply.elements = elements  # type: ignore[assignment]
             elif isinstance(event, SentimentLabel):
                 async with cl.Step(name=f"情感：{event.label.value}", type="tool") as step:
                     step.output = event.label.value

@@ -75,16 +75,19 @@ def may_manage(user: cl.User | cl.PersistedUser | None) -> bool:
     return role_of(user) in (Role.KB_ADMIN, Role.ADMIN)
 
 
-async def admin_actions() -> None:
-    """Offer the document actions to kb_admin/admin (the worker enforces the role regardless)."""
-    await cl.Message(
-        content="你可以向知识库上传文档，或查看、删除已有文档。",
-        actions=[
+async def intro(kbs: list[str], *, manage: bool) -> None:
+    """Name the knowledge bases this user can ask about; offer the document actions to kb_admin
+    and admin only (the worker enforces the role regardless)."""
+    names = "、".join(f"「{name}」" for name in kbs) or "（暂无，请联系管理员上传文档）"
+    content = f"可以提问的知识库：{names}。回答会标注来源，资料中没有的会回答“我不知道”。"
+    actions = []
+    if manage:
+        content += "\n你可以上传文档，或查看、删除已有文档。"
+        actions = [
             cl.Action(name=UPLOAD_ACTION, label="上传文档", payload={}),
             cl.Action(name=LIST_ACTION, label="文档列表", payload={}),
-        ],
-        author="知识库",
-    ).send()  # fmt: skip
+        ]
+    await cl.Message(content=content, actions=actions, author="知识库").send()
 
 
 async def upload_flow(client: RagClient, *, user: str, kb: str, max_size_mb: float) -> None:
@@ -180,6 +183,17 @@ def source_elements(sources: Sources, cited: list[int]) -> tuple[str, list[cl.Te
         names.append(f"{name}《{hit.document_name}》{_where(hit)}")
         elements.append(cl.Text(name=name, content=_passage(hit), display="side"))
     return "\n\n**参考资料**：" + "；".join(names), elements
+
+
+def retrieval_summary(sources: Sources, seconds: float) -> str:
+    """The retrieval step's text: what was found, in order."""
+    if not sources.hits:
+        return f"没有找到相关资料（{seconds * 1000:.0f} 毫秒）。"
+    lines = [f"找到 {len(sources.hits)} 段资料（{seconds * 1000:.0f} 毫秒）："]
+    lines += [f"{n}. 《{hit.document_name}》{_where(hit)}" for n, hit in enumerate(sources.hits, 1)]
+    if sources.dropped:
+        lines.append(f"另有 {sources.dropped} 段因包含不允许的内容未使用。")
+    return "\n".join(lines)
 
 
 def _where(hit: Hit) -> str:

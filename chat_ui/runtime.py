@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
 
+from backend.audit import AuditLog
 from backend.auth import UserStore
 from backend.chat.history import History
 from backend.chat.pipeline import ChatPipeline, PipelineConfig
@@ -24,6 +26,8 @@ from backend.db import migrate, open_pool
 from backend.errors import ConfigError
 from backend.guard import LexiconStore, builtin_lexicon_dir, jieba_segmenter
 from backend.metrics import Metrics
+from backend.rag.client import RagClient
+from backend.ratelimit import LoginLimiter, RateLimiter
 from backend.serving.engine import ChatRequest
 from backend.serving.launcher import engine_urls
 from backend.serving.pool import EnginePool
@@ -34,6 +38,10 @@ from backend.serving.tokenizer import EngineTokenizer
 from chat_ui.data_layer import PostgresDataLayer
 
 SENTIMENT_TIMEOUT_S = 10.0
+
+# The client address of the HTTP request being served (set by chat_ui.server's middleware), for
+# the per-IP login limit: Chainlit's password callback does not get the request.
+client_ip: ContextVar[str | None] = ContextVar("client_ip", default=None)
 
 
 class PoolEngine:
@@ -64,6 +72,8 @@ class Runtime:
     data_layer: PostgresDataLayer
     tokenizer: EngineTokenizer
     metrics: Metrics
+    rag: RagClient
+    logins: LoginLimiter
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -97,12 +107,23 @@ class Runtime:
             else None
         )
         metrics = Metrics()
+        rag = RagClient(
+            settings.rag.worker_url, token=settings.rag.service_token.get_secret_value()
+        )
         guard = LexiconStore(
             settings.guard.lexicon_dir or builtin_lexicon_dir(),
             segmenter=jieba_segmenter(cache_dir=settings.state_dir / "jieba"),
             check_interval_s=settings.guard.reload_interval_s,
         )
         pipeline = ChatPipeline(
+            audit=AuditLog(
+                pool,
+                hmac_key=settings.audit.hmac_key,
+                jsonl_path=settings.audit.jsonl_path,
+                metrics=metrics,
+            ),
+            limiter=RateLimiter(redis, settings=settings.ratelimit, metrics=metrics),
+            retriever=rag,
             metrics=metrics,
             guard=guard,
             pool=engines,
@@ -122,6 +143,7 @@ class Runtime:
                 queue_wait_budget_s=serving.queue_wait_budget_s,
                 warmup=serving.warmup,
                 engine_processes=tuple(serving.engine_processes),
+                top_k=settings.rag.top_k,
             ),
         )
         users = UserStore(pool)
@@ -129,6 +151,7 @@ class Runtime:
             settings=settings, pool=pool, redis=redis, engines=engines, users=users,
             history=history, status=status, pipeline=pipeline,
             data_layer=PostgresDataLayer(pool, users), tokenizer=tokenizer, metrics=metrics,
+            rag=rag, logins=LoginLimiter(redis, settings=settings.ratelimit, metrics=metrics),
         )  # fmt: skip
         runtime._tasks.append(asyncio.create_task(engines.run_health_checks()))
         return runtime
@@ -141,6 +164,7 @@ class Runtime:
         await self.pipeline.aclose()
         await self.engines.aclose()
         await self.tokenizer.aclose()
+        await self.rag.aclose()
         await self.redis.aclose()
         await self.pool.close()
 

@@ -8,11 +8,11 @@ lifespans do not run, so everything Chainlit's handlers need is built here and b
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -22,6 +22,8 @@ from chat_ui import runtime as runtime_module
 from chat_ui.runtime import Runtime
 
 logger = logging.getLogger(__name__)
+
+CallNext = Callable[[Request], Awaitable[Response]]
 
 CHAT_PATH = "/chat"
 APP_ROOT = Path(__file__).resolve().parent.parent  # holds .chainlit/ and chainlit*.md
@@ -51,6 +53,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await rt.aclose()
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def remember_client(request: Request, call_next: CallNext) -> Response:
+        """The client address for the per-IP login limit (see runtime.client_ip); behind a
+        proxy, uvicorn's --proxy-headers makes it the real client's."""
+        token = runtime_module.client_ip.set(request.client.host if request.client else None)
+        try:
+            return await call_next(request)
+        finally:
+            runtime_module.client_ip.reset(token)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -1,11 +1,13 @@
 """What the conversation pipeline tells the UI while it answers, in order of appearance:
-Queued* → Sentiment? → Notice* → Token* → Done. The UI renders each; it decides nothing."""
+Queued* → Retrieved? → Sentiment? → Notice* → Token* → Cited? → Done. The UI renders each; it
+decides nothing."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
+from backend.chat.grounding import Sources
 from backend.chat.sentiment import Sentiment
 from backend.chat.shaping import Task, Tier
 from backend.serving.queue import Position
@@ -44,6 +46,24 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class Retrieved:
+    """Knowledge-base chats: the sources the answer will be given (numbered from 1)."""
+
+    sources: Sources
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Cited:
+    """Knowledge-base chats, after the answer: the source numbers it cited, in order of first
+    citation, and how many citations to no source were removed."""
+
+    sources: Sources
+    cited: tuple[int, ...]
+    removed: int
+
+
+@dataclass(frozen=True)
 class Token:
     text: str
 
@@ -58,4 +78,4 @@ class Done:
     streamed: bool
 
 
-Event = Queued | SentimentLabel | Notice | Token | Done
+Event = Queued | Retrieved | SentimentLabel | Notice | Token | Cited | Done

@@ -1,8 +1,9 @@
 """The conversation pipeline: one user message in, events (queue position, sentiment, notices,
-answer tokens) out. ARCHITECTURE.md steps 3-8; chat_ui only renders what this yields.
+answer tokens) out. ARCHITECTURE.md steps 1-9; chat_ui only renders what this yields.
 
-    history (Redis) ▸ session slot (Redis lease, or the priority queue) ▸ tier ▸ shape
-    ▸ sentiment probe ∥ answer stream (pool: failover before the first token) ▸ history append
+    input guard ▸ rate limits (Redis) ▸ history (Redis) ▸ session slot (Redis lease, or the
+    priority queue) ▸ tier ▸ shape ▸ sentiment probe ∥ answer stream (pool: failover before the
+    first token; output guard) ▸ history append ▸ audit record (PostgreSQL, every outcome)
 
 Concurrency: one `ChatPipeline` serves every conversation of a chat_ui process; all shared state is
 in Redis or in the engine pool.
@@ -14,32 +15,49 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from backend.audit import AuditLog, AuditTrail
+from backend.audit import Outcome as Audited
 from backend.chat.events import (
+    Cited,
     Done,
     Event,
     Notice,
     NoticeKind,
     Outcome,
     Queued,
+    Retrieved,
     SentimentLabel,
     Token,
 )
+from backend.chat.grounding import (
+    KB_RULES,
+    NO_SOURCES_ANSWER,
+    CitationFilter,
+    Knowledge,
+    Retriever,
+    Sources,
+    screen_hits,
+    sources_context,
+)
 from backend.chat.history import History
 from backend.chat.sentiment import SentimentProbe
-from backend.chat.shaping import Priority, Shaper, Tier
+from backend.chat.shaping import Priority, Shaper, Tier, retrieval_top_k
+from backend.chat.streaming import cite, prepend, screened
 from backend.errors import (
-    EngineError,
     EngineRestarting,
     EngineTimeout,
     EngineUnavailable,
     QueueFull,
     QueueTimeout,
+    RateLimited,
 )
-from backend.guard import LexiconStore, Release, StreamGuard
+from backend.guard import LexiconStore, StreamGuard
 from backend.metrics import Metrics
+from backend.ratelimit import RateLimiter
 from backend.serving.degrade import choose_tier
 from backend.serving.engine import ChatRequest, Message
 from backend.serving.pool import EnginePool, Started
@@ -64,15 +82,20 @@ class PipelineConfig:
     queue_wait_budget_s: float
     warmup: bool = False
     engine_processes: tuple[str, ...] = ("engine",)
+    top_k: int = 5  # chunks a knowledge-base answer is given at Tier.NORMAL
 
 
 @dataclass(frozen=True)
 class Turn:
-    """One user message. `stream` None lets shaping decide; True/False is the user's choice."""
+    """One user message. `stream` None lets shaping decide; True/False is the user's choice.
+    `user` is the login identifier (rate limits and audit; empty: limited per thread)."""
 
     thread_id: str
     text: str
     stream: bool | None = None
+    user: str = ""
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    knowledge: Knowledge | None = None  # set: answer from the knowledge base, with citations
 
 
 class ChatPipeline:
@@ -89,7 +112,12 @@ class ChatPipeline:
         config: PipelineConfig,
         metrics: Metrics | None = None,
         guard: LexiconStore | None = None,
+        audit: AuditLog | None = None,
+        limiter: RateLimiter | None = None,
+        retriever: Retriever | None = None,
     ) -> None:
+        """`guard`, `audit`, `limiter` None: no guard, no audit records, no rate limits;
+        `retriever` None: knowledge-base turns are answered without sources."""
         self._pool = pool
         self._slots = slots
         self._queue = queue
@@ -100,6 +128,9 @@ class ChatPipeline:
         self._config = config
         self._metrics = metrics
         self._guard = guard
+        self._audit = audit
+        self._limiter = limiter
+        self._retriever = retriever
         self._background: set[asyncio.Task[None]] = set()
 
     async def prepare(self, thread_id: str) -> Lease | None:
@@ -132,48 +163,72 @@ class ChatPipeline:
         return self._pool.available()
 
     async def answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
-        """Yield the events of one answer (see `_answer`), counted in the metrics."""
+        """Yield the events of one answer (see `_answer`), counted in the metrics and, whatever
+        the outcome, recorded in the audit log before this generator ends (a failed write is
+        logged and counted, never raised). Raises RateLimited and what `_answer` raises."""
         started, first_at, outcome = time.monotonic(), None, "error"
         metrics = self._metrics
+        trail = AuditTrail(
+            user=turn.user, thread_id=turn.thread_id, request_id=turn.request_id, started=started
+        )
+        error: BaseException | None = None
         try:
-            async with contextlib.aclosing(self._answer(turn)) as events:
+            async with contextlib.aclosing(self._answer(turn, trail)) as events:
                 async for event in events:
                     if isinstance(event, Token) and first_at is None:
-                        first_at = time.monotonic()
+                        first_at = trail.first_token_at = time.monotonic()
                         if metrics is not None:
                             metrics.ttft.observe(first_at - started)
                     elif isinstance(event, Done):
-                        outcome = event.outcome.value
+                        outcome, trail.finished = event.outcome.value, True
                         if metrics is not None:
                             metrics.tier.labels(event.tier.name.lower()).inc()
                             metrics.tokens.inc(event.prompt_tokens)
                     yield event
-        except EngineTimeout:
-            outcome = "timeout"
+        except EngineTimeout as exc:
+            outcome, error = "timeout", exc
             raise
-        except (GeneratorExit, asyncio.CancelledError):
-            outcome = "aborted"
+        except (GeneratorExit, asyncio.CancelledError) as exc:
+            outcome, error = "aborted", exc
+            raise
+        except BaseException as exc:
+            outcome, error = "rate_limited" if isinstance(exc, RateLimited) else "error", exc
             raise
         finally:
             if metrics is not None:
                 metrics.requests.labels(outcome).inc()
                 if first_at is not None:
                     metrics.latency.observe(time.monotonic() - started)
+            if self._audit is not None:  # shielded: a second cancel must not lose the record
+                await asyncio.shield(self._audit.record(trail, prompt=turn.text, error=error))
 
-    async def _answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
-        """Yield the events of one answer.
+    async def _answer(self, turn: Turn, trail: AuditTrail) -> AsyncGenerator[Event, None]:
+        """Guard the message (blocked: a notice, no engine call), apply the user's rate limits,
+        then serve it (`_serve`). Raises RateLimited, RedisUnavailable, and what `_serve` raises."""
+        if self._guard is not None:
+            verdict = self._guard.current().check(turn.text)
+            trail.verdict("input", (hit.category for hit in verdict.hits))
+            if verdict.blocked:
+                trail.outcome = Audited.BLOCKED_INPUT
+                category = next(h.category for h in verdict.hits if h.severity.value == "block")
+                yield Notice(NoticeKind.BLOCKED_INPUT, INPUT_BLOCKED_TEXT.format(category=category))
+                yield Done(Outcome.BLOCKED, None, Tier.NORMAL, None, 0, False)
+                return
+        admitted: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if self._limiter is not None:
+            key = turn.user or f"thread:{turn.thread_id}"
+            admitted = self._limiter.admit(key, request_id=turn.request_id)
+        async with admitted, contextlib.aclosing(self._serve(turn, trail)) as events:
+            async for event in events:
+                yield event
+
+    async def _serve(self, turn: Turn, trail: AuditTrail) -> AsyncGenerator[Event, None]:
+        """Yield the events of one admitted answer.
 
         Raises RedisUnavailable, EngineError (EngineRestarting while the supervisor restarts the
         engine). If the consumer stops early (user stop, disconnect) the upstream request is
         closed and the partial answer recorded, so the next turn sees what the user saw.
         """
-        if self._guard is not None:
-            verdict = self._guard.current().check(turn.text)
-            if verdict.blocked:
-                category = next(h.category for h in verdict.hits if h.severity.value == "block")
-                yield Notice(NoticeKind.BLOCKED_INPUT, INPUT_BLOCKED_TEXT.format(category=category))
-                yield Done(Outcome.BLOCKED, None, Tier.NORMAL, None, 0, False)
-                return
         past = await self._history.load(turn.thread_id)
         waited_from = time.monotonic()
         # Always through the queue: it renews a held lease at once and takes a free slot on its
@@ -183,17 +238,24 @@ class ChatPipeline:
             # Short messages go first; the queue orders before shaping, so it judges by length.
             long = len(turn.text) > QUEUE_LONG_CHARS
             priority = Priority.LONG if long else Priority.INTERACTIVE
-            async for item in self._wait_in_line(turn.thread_id, priority=priority):
+            line = self._queue.line(
+                turn.thread_id, slots=self._slots, replicas=self._replicas, priority=priority,
+                budget_s=self._config.queue_wait_budget_s,
+            )  # fmt: skip
+            async for item in line:
                 if isinstance(item, Position):
                     yield Queued(item)
                 else:
                     lease = item
-        except (QueueTimeout, QueueFull):
+        except (QueueTimeout, QueueFull) as exc:
+            full = isinstance(exc, QueueFull)
+            trail.outcome = Audited.QUEUE_FULL if full else Audited.QUEUE_TIMEOUT
             retry = max(5, round(self._config.queue_wait_budget_s / 2))
             yield Notice(NoticeKind.BUSY, BUSY_TEXT.format(retry=retry), float(retry))
             yield Done(Outcome.REFUSED, None, Tier.BUSY, None, 0, False)
             return
         assert lease is not None
+        trail.replica = lease.replica
         waited = time.monotonic() - waited_from
         available = self._replicas()
         depth = await self._queue.depth()
@@ -206,17 +268,35 @@ class ChatPipeline:
             load=self._pool.pressure(),
             waited_fraction=waited / max(self._config.queue_wait_budget_s, 1e-9),
         )
+        trail.tier = tier.name.lower()
         if tier is Tier.BUSY:
+            trail.outcome = Audited.REFUSED_BUSY
             yield Notice(NoticeKind.BUSY, BUSY_TEXT.format(retry=10), 10.0)
             yield Done(Outcome.REFUSED, lease.replica, tier, None, 0, False)
             return
+        system_prompt, sources = self._config.system_prompt, None
+        if turn.knowledge is not None:
+            system_prompt = f"{system_prompt}\n\n{KB_RULES}"
+            retrieving_from = time.monotonic()
+            sources = await self._retrieve(turn, turn.knowledge, tier=tier, trail=trail)
+            yield Retrieved(sources, time.monotonic() - retrieving_from)
+            if not sources.hits:  # nothing to answer from: say so, no engine call
+                await self._history.append(
+                    turn.thread_id, Message(role="user", content=turn.text),
+                    Message(role="assistant", content=NO_SOURCES_ANSWER),
+                )  # fmt: skip
+                yield Token(NO_SOURCES_ANSWER)
+                yield Done(Outcome.OK, None, tier, None, 0, False)
+                return
         shaped = await self._shaper.shape(
             turn.text,
             history=past,
-            system_prompt=self._config.system_prompt,
+            system_prompt=system_prompt,
             tier=tier,
             stream_override=turn.stream,
+            context=sources_context(sources) if sources else None,
         )
+        trail.prompt_tokens = shaped.prompt_tokens
         if shaped.condensed:
             yield Notice(NoticeKind.CONDENSED, CONDENSED_TEXT)
         if tier >= Tier.REDUCED:
@@ -232,6 +312,7 @@ class ChatPipeline:
         started_at = time.monotonic()
         try:
             started = await self._start(shaped.request, order)
+            trail.replica = started.replica
             if probe is not None:
                 yield SentimentLabel(await probe)
             if started.replica != lease.replica:  # failed over: pin the session where it is now
@@ -239,10 +320,12 @@ class ChatPipeline:
                 if self._metrics is not None:
                     self._metrics.failovers.inc()
             screen = StreamGuard(self._guard.current()) if self._guard is not None else None
+            citations = CitationFilter(count=len(sources.hits)) if sources else None
             async with (
                 contextlib.aclosing(started.rest) as rest,
-                contextlib.aclosing(_prepend(started.first, rest)) as deltas,
-                contextlib.aclosing(_screened(deltas, screen)) as releases,
+                contextlib.aclosing(prepend(started.first, rest, trail.count_delta)) as deltas,
+                contextlib.aclosing(cite(deltas, citations)) as checked,
+                contextlib.aclosing(screened(checked, screen)) as releases,
             ):
                 async for release in releases:
                     if release.text:
@@ -250,8 +333,12 @@ class ChatPipeline:
                         yield Token(release.text)
                     if release.blocked is not None:
                         blocked = True
+                        trail.verdict("output", (hit.category for hit in release.blocked.hits))
                         break  # leaving the `async with` closes the upstream response
+            if screen is not None and not blocked:
+                trail.verdict("output", ())
             if blocked:
+                trail.outcome = Audited.BLOCKED_OUTPUT
                 parts = [OUTPUT_BLOCKED_TEXT]  # history keeps what replaced the answer
                 yield Notice(NoticeKind.BLOCKED_OUTPUT, OUTPUT_BLOCKED_TEXT)
         finally:
@@ -264,9 +351,31 @@ class ChatPipeline:
                     Message(role="assistant", content="".join(parts)),
                 )
                 await self._queue.record_turn(time.monotonic() - started_at)
+        if sources is not None and citations is not None:
+            numbers = tuple(citations.cited)
+            trail.cited_chunk_ids = tuple(sources.hits[n - 1].chunk_id for n in numbers)
+            if self._metrics is not None and citations.removed:
+                self._metrics.citations_removed.inc(citations.removed)
+            yield Cited(sources, numbers, citations.removed)
         outcome = Outcome.DEGRADED if tier >= Tier.REDUCED else Outcome.OK
         outcome = Outcome.BLOCKED if blocked else outcome
         yield Done(outcome, started.replica, tier, shaped.task, shaped.prompt_tokens, shaped.stream)
+
+    async def _retrieve(
+        self, turn: Turn, knowledge: Knowledge, *, tier: Tier, trail: AuditTrail
+    ) -> Sources:
+        """The chunks for this turn, fewer under load, screened by the guard. Raises
+        KnowledgeBaseError (RagUnavailable when the worker cannot be reached)."""
+        if self._retriever is None:
+            return Sources(())
+        hits = await self._retriever.retrieve(
+            turn.text, user=turn.user, kbs=knowledge.kbs,
+            top_k=retrieval_top_k(tier, top_k=self._config.top_k),
+        )  # fmt: skip
+        sources = screen_hits(hits, self._guard.current() if self._guard is not None else None)
+        trail.retrieved_chunk_ids = tuple(hit.chunk_id for hit in sources.hits)
+        trail.verdict("retrieval", ("withheld",) * min(sources.dropped, 1))
+        return sources
 
     async def _start(self, request: ChatRequest, order: Sequence[str]) -> Started:
         try:
@@ -281,70 +390,6 @@ class ChatPipeline:
                     raise EngineRestarting(str(exc)) from exc
             raise
 
-    async def _wait_in_line(
-        self, thread_id: str, *, priority: int
-    ) -> AsyncGenerator[Position | Lease, None]:
-        """Positions while waiting, then the lease. Raises QueueTimeout, QueueFull."""
-        positions: asyncio.Queue[Position] = asyncio.Queue()
-
-        async def report(position: Position) -> None:
-            positions.put_nowait(position)
-
-        waiter = asyncio.create_task(
-            self._queue.wait_for_slot(
-                thread_id,
-                slots=self._slots,
-                replicas=self._replicas,
-                priority=priority,
-                budget_s=self._config.queue_wait_budget_s,
-                on_position=report,
-            )
-        )
-        try:
-            while not waiter.done():
-                getter = asyncio.create_task(positions.get())
-                done, _ = await asyncio.wait({waiter, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            yield waiter.result()
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiter
-
     async def aclose(self) -> None:
         for task in list(self._background):
             task.cancel()
-
-
-async def _prepend(first: str, rest: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
-    """`first` (when not empty), then the rest of the stream."""
-    if first:
-        yield first
-    async for delta in rest:
-        yield delta
-
-
-async def _screened(
-    deltas: AsyncGenerator[str, None], screen: StreamGuard | None
-) -> AsyncGenerator[Release, None]:
-    """What may be shown of the stream: every delta through the guard's hold-back filter, then the
-    held-back tail once the stream ends -- or fails, since what the engine did say is still
-    checked and shown. Stops after a blocked release. Without a guard, deltas pass as they are."""
-    if screen is None:
-        async for delta in deltas:
-            yield Release(delta)
-        return
-    try:
-        async for delta in deltas:
-            release = screen.feed(delta)
-            yield release
-            if release.blocked is not None:
-                return
-    except EngineError:
-        yield screen.finish()
-        raise
-    yield screen.finish()

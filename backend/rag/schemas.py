@@ -27,12 +27,15 @@ class KnowledgeBaseOut(BaseModel):
     description: str
     public: bool
     created_by: str
+    document_count: int
+    writable: bool  # whether the acting user may upload, delete and reindex here
 
     @classmethod
     def of(cls, kb: KnowledgeBase) -> KnowledgeBaseOut:
         return cls(
-            name=kb.name, description=kb.description, public=kb.public, created_by=kb.created_by
-        )
+            name=kb.name, description=kb.description, public=kb.public, created_by=kb.created_by,
+            document_count=kb.document_count, writable=kb.writable,
+        )  # fmt: skip
 
 
 class DocumentOut(BaseModel):

@@ -23,10 +23,11 @@ at a few hundred waiters that is a few thousand cheap operations a second for Re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,43 @@ class WaitQueue:
         self._standing = client.register_script(_STANDING)
         self._depth = client.register_script(_DEPTH)
         self._record_turn = client.register_script(_RECORD_TURN)
+
+    async def line(
+        self,
+        session_id: str,
+        *,
+        slots: SlotTable,
+        replicas: Callable[[], Sequence[str]],
+        priority: int,
+        budget_s: float,
+    ) -> AsyncGenerator[Position | Lease, None]:
+        """`wait_for_slot` as a stream: each new Position while waiting, then the Lease. Raises
+        what `wait_for_slot` raises; closing the stream leaves the line."""
+        positions: asyncio.Queue[Position] = asyncio.Queue()
+
+        async def report(position: Position) -> None:
+            positions.put_nowait(position)
+
+        waiter = asyncio.create_task(
+            self.wait_for_slot(
+                session_id, slots=slots, replicas=replicas, priority=priority,
+                budget_s=budget_s, on_position=report,
+            )
+        )  # fmt: skip
+        try:
+            while not waiter.done():
+                getter = asyncio.create_task(positions.get())
+                done, _ = await asyncio.wait({waiter, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            yield waiter.result()
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
 
     async def wait_for_slot(
         self,

@@ -202,7 +202,7 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     await context.close()
 
 
-async def login(page: Page, ui: RunningUI) -> None:
+async def login(page: Page, ui: RunningUI, *, user: str = USER, password: str = PASSWORD) -> None:
     """Log in and return once the chat session is live.
 
     Chainlit drops a message sent before its websocket session has run on_chat_start, so wait for
@@ -224,8 +224,8 @@ async def login(page: Page, ui: RunningUI) -> None:
 
     page.on("websocket", on_socket)
     await page.goto(ui.chat)
-    await page.fill("#email", USER)
-    await page.fill("#password", PASSWORD)
+    await page.fill("#email", user)
+    await page.fill("#password", password)
     await page.click("button[type=submit]")
     await page.wait_for_selector("#chat-input", timeout=30_000)
     await asyncio.wait_for(ready.wait(), 30)

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from backend.chat.events import Event, Token
+from backend.chat.grounding import Retriever
 from backend.chat.history import History
 from backend.chat.pipeline import ChatPipeline, PipelineConfig, Turn
 from backend.chat.sentiment import SentimentProbe
@@ -48,7 +49,7 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
     def make(
         urls: list[str], *, capacity: int = 4, budget_s: float = 5.0, sentiment: bool = False,
         client: aioredis.Redis | None = None, warmup: bool = False,
-        guard: LexiconStore | None = None,
+        guard: LexiconStore | None = None, retriever: Retriever | None = None,
     ) -> Stack:  # fmt: skip
         redis = client or redis_client
         pool = EnginePool(urls, llm=LLM, serving=ServingSettings())
@@ -60,6 +61,7 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
         pipeline = ChatPipeline(
             metrics=metrics,
             guard=guard,
+            retriever=retriever,
             pool=pool,
             slots=slots,
             queue=WaitQueue(redis, max_depth=10, poll_s=0.05),

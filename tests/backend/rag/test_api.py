@@ -32,7 +32,7 @@ from backend.rag.document import DocumentStatus
 from backend.rag.service import RagService
 from tests.fixtures.documents import document_bytes, make_elf, make_large_text
 
-TOKEN = "test-service-token-0123456789abcdef"  # noqa: S105
+TOKEN = "test-service-token-0123456789abcdef"
 USERS = {"root": Role.ADMIN, "kbadmin": Role.KB_ADMIN, "alice": Role.USER, "bob": Role.USER}
 
 

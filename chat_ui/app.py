@@ -156,7 +156,12 @@ async def _upload(action: cl.Action) -> None:
             max_size_mb=rt.settings.rag.max_file_mb,
         )  # fmt: skip
 
-    await knowledge.safe("upload", flow())
+    try:
+        await knowledge.safe("upload", flow())
+    finally:
+        # The file ask restarts the UI's "running" state when answered; action callbacks are not
+        # tasks, so nothing else would end it and the input would stay blocked.
+        await cl.context.emitter.task_end()
 
 
 @cl.action_callback(knowledge.LIST_ACTION)

@@ -91,13 +91,17 @@ async def intro(kbs: list[str], *, manage: bool) -> None:
 
 
 async def upload_flow(client: RagClient, *, user: str, kb: str, max_size_mb: float) -> None:
-    answer = await cl.AskFileMessage(
-        content=(
-            f"请选择要上传到「{kb}」的文件（PDF、DOCX、TXT、Markdown、HTML；"
-            f"单个不超过 {max_size_mb:g} MB，一次最多 10 个）。"
-        ),
-        accept=ACCEPT, max_size_mb=max_size_mb, max_files=10, timeout=600, author="知识库",
-    ).send()  # fmt: skip
+    # Inside a step: the ask then has a parent id, which the browser sends back with the file and
+    # Chainlit needs to find the ask's limits (an ask without one is refused as a spontaneous
+    # upload, which stays disabled).
+    async with cl.Step(name="上传文档", type="tool", show_input=False):
+        answer = await cl.AskFileMessage(
+            content=(
+                f"请选择要上传到「{kb}」的文件（PDF、DOCX、TXT、Markdown、HTML；"
+                f"单个不超过 {max_size_mb:g} MB，一次最多 10 个）。"
+            ),
+            accept=ACCEPT, max_size_mb=max_size_mb, max_files=10, timeout=600, author="知识库",
+        ).send()  # fmt: skip
     if not answer:
         return
     files = []
@@ -110,13 +114,13 @@ async def upload_flow(client: RagClient, *, user: str, kb: str, max_size_mb: flo
     watch = []
     for r in results:
         if not r.accepted or r.document is None:
-            lines[r.filename] = f"❌ {r.filename}：{r.message}"
+            lines[r.filename] = f"【失败】{r.filename}：{r.message}"
         elif r.duplicate:
             lines[r.filename] = (
-                f"ℹ️ {r.filename}：知识库中已有相同内容的文件（{_status(r.document)}）"
+                f"【重复】{r.filename}：知识库中已有相同内容的文件（{_status(r.document)}）"
             )
         else:
-            lines[r.filename] = f"⏳ {r.filename}：{_status(r.document)}"
+            lines[r.filename] = f"【{_status(r.document)}】{r.filename}"
             watch.append(r.document)
     progress = cl.Message(content="\n".join(lines.values()), author="知识库")
     await progress.send()
@@ -143,10 +147,10 @@ def _status(doc: DocumentOut) -> str:
 
 def _line(doc: DocumentOut) -> str:
     if doc.status is DocumentStatus.INDEXED:
-        return f"✅ {doc.filename}：已入库（{doc.chunk_count} 个片段）"
+        return f"【已入库】{doc.filename}（{doc.chunk_count} 个片段）"
     if doc.status is DocumentStatus.FAILED:
-        return f"❌ {doc.filename}：{doc.error or '处理失败'}"
-    return f"⏳ {doc.filename}：{_status(doc)}"
+        return f"【失败】{doc.filename}：{doc.error or '处理失败'}"
+    return f"【{_status(doc)}】{doc.filename}"
 
 
 async def list_flow(client: RagClient, *, user: str, kb: str) -> None:

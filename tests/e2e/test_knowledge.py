@@ -122,8 +122,11 @@ async def test_admin_uploads_asks_and_sees_source(
     await page.get_by_role("button", name="上传文档").click()
     upload = tmp_path / "考勤制度.md"
     upload.write_text(DOCUMENT, encoding="utf-8")
-    await page.locator("input[type=file]").last.set_input_files(upload)
-    await page.get_by_text("已入库").first.wait_for(timeout=120_000)
+    await page.get_by_role("button", name="浏览文件").wait_for()
+    await page.locator("#ask-button-input").set_input_files(
+        files=[{"name": upload.name, "mimeType": "text/markdown", "buffer": upload.read_bytes()}]
+    )
+    await page.get_by_text("【已入库】考勤制度.md").wait_for(timeout=120_000)
 
     fake_engine.script([{"text": "公司午休时间为 12:30 至 14:00[1]。引用不存在的资料[9]。"}])
     await page.fill("#chat-input", "公司午休是几点到几点？")
@@ -133,7 +136,7 @@ async def test_admin_uploads_asks_and_sees_source(
     answer = await page.locator(ANSWER).last.inner_text()
     assert "12:30 至 14:00[1]" in answer and "[9]" not in answer
     assert "考勤制度.md" in answer
-    prompt = fake_engine.log()[-1]["body"]["messages"][0]["content"]
+    prompt = fake_engine.log()[-1]["body"]["messages"][-1]["content"]
     assert "午休时间为每天 12:30 至 14:00" in prompt  # the passage reached the model as a source
     await source.click()
     await page.get_by_text("公司午休时间为每天 12:30 至 14:00，共 90 分钟。").last.wait_for()

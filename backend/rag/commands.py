@@ -36,14 +36,15 @@ def _acting(settings: Settings, user: str | None) -> str:
 
 async def ingest(
     settings: Settings, paths: Sequence[Path], *, kb: str, user: str | None, as_json: bool,
-    out: TextIO = sys.stdout,
+    out: TextIO = sys.stdout, client: RagClient | None = None,
 ) -> int:  # fmt: skip
     """Upload `paths` to `kb` (created if missing), then follow each file until indexed or failed.
-    Exit code 0 when every file was indexed (or already was), 1 otherwise."""
+    Exit code 0 when every file was indexed (or already was), 1 otherwise. `client` (tests)
+    replaces the one built from settings; it is closed either way."""
     acting = _acting(settings, user)
     files = [p for p in paths if p.is_file()]
     missing = [str(p) for p in paths if not p.is_file()]
-    client = client_for(settings)
+    client = client or client_for(settings)
     started = time.monotonic()
     try:
         try:
@@ -98,10 +99,10 @@ async def ingest(
 
 async def kb_command(
     settings: Settings, action: str, names: Sequence[str], *, user: str | None,
-    out: TextIO = sys.stdout,
+    out: TextIO = sys.stdout, client: RagClient | None = None,
 ) -> int:  # fmt: skip
     acting = _acting(settings, user)
-    client = client_for(settings)
+    client = client or client_for(settings)
     try:
         if action == "list":
             for kb in await client.list_kbs(user=acting):
@@ -130,9 +131,9 @@ async def kb_command(
 
 async def search(
     settings: Settings, query: str, *, kbs: Sequence[str] | None, top_k: int, user: str | None,
-    as_json: bool, out: TextIO = sys.stdout,
+    as_json: bool, out: TextIO = sys.stdout, client: RagClient | None = None,
 ) -> int:  # fmt: skip
-    client = client_for(settings)
+    client = client or client_for(settings)
     try:
         hits = await client.retrieve(query, user=_acting(settings, user), kbs=kbs, top_k=top_k)
     finally:

@@ -4,20 +4,11 @@ sandbox, FlagEmbedding on the small model and the ingestion consumers, through `
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
-from psycopg import sql
-from pydantic import SecretStr
 
-from backend.auth import Role, UserStore
-from backend.config import DatabaseSettings, RagSettings, RedisSettings, Settings
-from backend.db import open_pool
-from backend.embedded import ensure_database
 from backend.errors import (
     AuthError,
     DocumentNotFound,
@@ -30,67 +21,8 @@ from backend.rag.client import RagClient
 from backend.rag.demo import DEMO_KB, demo_files, load_demo
 from backend.rag.document import DocumentStatus
 from backend.rag.service import RagService
+from tests.backend.rag.conftest import TOKEN
 from tests.fixtures.documents import document_bytes, make_elf, make_large_text
-
-TOKEN = "test-service-token-0123456789abcdef"
-USERS = {"root": Role.ADMIN, "kbadmin": Role.KB_ADMIN, "alice": Role.USER, "bob": Role.USER}
-
-
-@pytest.fixture(scope="module")
-def api_database(database_url: str) -> Iterator[str]:
-    name = f"test_api_{uuid.uuid4().hex}"
-    url = ensure_database(database_url, name)
-    yield url
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
-@pytest.fixture(scope="module")
-def api_settings(
-    api_database: str,
-    redis_url: str,
-    rag_settings: RagSettings,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Settings:
-    state = tmp_path_factory.mktemp("rag-api")
-    rag = rag_settings.model_copy(
-        update={
-            "service_token": SecretStr(TOKEN),
-            "storage_dir": state / "files",
-            "max_file_mb": 1.0,
-        }
-    )
-    return Settings(
-        state_dir=state, rag=rag, database=DatabaseSettings(url=api_database),
-        redis=RedisSettings(url=redis_url),
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-async def service(api_settings: Settings) -> AsyncIterator[RagService]:
-    pool = await open_pool(api_settings.database.url.get_secret_value())  # type: ignore[union-attr]
-    try:
-        from backend.db import migrate
-
-        await migrate(api_settings.database.url.get_secret_value())  # type: ignore[union-attr]
-        users = UserStore(pool)
-        for name, role in USERS.items():
-            await users.ensure(name, "password-" + name, role=role)
-    finally:
-        await pool.close()
-    started = await RagService.start(api_settings)
-    yield started
-    await started.aclose()
-
-
-@pytest.fixture(scope="module")
-async def client(service: RagService) -> AsyncIterator[RagClient]:
-    app = create_app(service.settings, service=service)
-    rag = RagClient("http://rag", token=TOKEN, transport=httpx.ASGITransport(app=app))
-    yield rag
-    await rag.aclose()
 
 
 async def wait_done(client: RagClient, document_id: str, *, user: str = "root") -> DocumentStatus:

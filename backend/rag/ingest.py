@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,12 @@ class Indexer:
         fulltext: Segmenter,
         *,
         embed_batch: int,
+        metrics: RagMetrics | None = None,
     ) -> None:
+        """`metrics`: each stage's seconds per document go to `rag_ingest_stage_seconds`."""
         if embed_batch < 1:
             raise ValueError("embed_batch must be at least 1")
+        self._metrics = metrics
         self._parser = parser
         self._chunker = chunker
         self._embedder = embedder
@@ -114,8 +118,11 @@ class Indexer:
         chunk), OSError when it cannot be read (e.g. missing from storage), and whatever the
         embedder raises (EmbeddingMismatch, ...).
         """
+        started = time.perf_counter()
         document = await self._parser.parse(path)
+        parsed = time.perf_counter()
         chunks = await asyncio.to_thread(self._chunker.split, document)
+        self._observe(parse=parsed - started, chunk=time.perf_counter() - parsed)
         if not chunks:
             raise DocumentRejected(RejectReason.NO_TEXT, "no chunk")
         await on_progress(PARSED_PROGRESS)
@@ -128,12 +135,14 @@ class Indexer:
             # Several batches per call: the embedder sorts a call's texts by length, so batches
             # pad less than one call per batch would (~20% faster on MiniLM here).
             group = self._batch * EMBED_GROUP_BATCHES
+            embedding_from = time.perf_counter()
             for start in range(0, len(texts), group):
                 parts.append(
                     await asyncio.to_thread(self._embedder.embed, texts[start : start + group])
                 )
                 done = min(start + group, len(texts)) / len(texts)
                 await on_progress(PARSED_PROGRESS + (EMBEDDED_PROGRESS - PARSED_PROGRESS) * done)
+            self._observe(embed=time.perf_counter() - embedding_from)
         finally:
             await asyncio.wait({segmenting})  # never leaves the thread's work behind
         search_texts = segmenting.result()
@@ -145,6 +154,11 @@ class Indexer:
 
     def _segment(self, texts: list[str]) -> list[str]:
         return [self._fulltext.index_text(text) for text in texts]
+
+    def _observe(self, **seconds: float) -> None:
+        if self._metrics is not None:
+            for stage, value in seconds.items():
+                self._metrics.stage_seconds.labels(stage=stage).observe(value)
 
 
 class Outcome(enum.StrEnum):
@@ -194,7 +208,9 @@ class IngestWorker:
         self._store = store
         self._jobs = jobs
         self._storage = storage
-        self._indexer = Indexer(parser, chunker, embedder, fulltext, embed_batch=embed_batch)
+        self._indexer = Indexer(
+            parser, chunker, embedder, fulltext, embed_batch=embed_batch, metrics=metrics
+        )
         self.consumer = consumer
         self._lease_s = lease_s
         self._reclaim_idle_ms = round(reclaim_idle_s * 1000)
@@ -270,9 +286,14 @@ class IngestWorker:
             await self._jobs.ack(job)
             logger.info("document %s rejected: %s", job.document_id, exc)
             return Outcome.REJECTED
+        writing_from = time.perf_counter()
         finished = await self._store.finish(
             claim, indexed.chunks, indexed.embeddings, search_texts=indexed.search_texts
         )
+        if self._metrics:
+            self._metrics.stage_seconds.labels(stage="write").observe(
+                time.perf_counter() - writing_from
+            )
         await self._jobs.ack(job)
         if finished and self._metrics:
             self._metrics.chunks.inc(len(indexed.chunks))

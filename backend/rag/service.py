@@ -103,11 +103,11 @@ class RagService:
         for n in range(self.settings.rag.consumers):
             worker = await build_worker(
                 self.settings, pool=self.pool, redis=self.redis, consumer=f"{host}-{n}",
-                embedder=self.embedder,
+                embedder=self.embedder, metrics=self.metrics,
             )  # fmt: skip
             self.workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(self._stop)))
-        reconciler = reconciler_for(self.settings, self.store, self.jobs)
+        reconciler = reconciler_for(self.settings, self.store, self.jobs, metrics=self.metrics)
         self._tasks.append(asyncio.create_task(reconciler.run(self._stop)))
 
     async def aclose(self) -> None:
@@ -145,6 +145,8 @@ class RagService:
             fmt = detect_format(await asyncio.to_thread(path.read_bytes))  # size-capped above
         except DocumentRejected as exc:
             self.metrics.uploads.labels(outcome=str(exc.reason)).inc()
+            if not await self.store.storage_key_in_use(stored.key):
+                await asyncio.to_thread(self.storage.delete, stored.key)
             raise
         record, created = await self.store.add_document(
             kb, filename=safe_display_name(filename), content_hash=stored.sha256,

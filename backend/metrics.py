@@ -7,6 +7,8 @@ or session id. Latency buckets are sized for LLM answers (tens of ms to a minute
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 NAMESPACE = "qwen"
@@ -69,6 +71,15 @@ class Metrics:
             "audit_write_failures", "Audit records that could not be written, by sink.",
             ["sink"], namespace=NAMESPACE, registry=r,
         )  # fmt: skip
+        self.answer_sanitized = Counter(
+            "answer_sanitized", "Answer Markdown rewritten so it cannot fetch or run, by kind.",
+            ["kind"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+
+    def count_sanitized(self, removed: Iterable[tuple[str, int]]) -> None:
+        """Add one answer's Markdown rewrites: (kind, count) pairs (`MarkdownFilter.removed`)."""
+        for kind, count in removed:
+            self.answer_sanitized.labels(kind).inc(count)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

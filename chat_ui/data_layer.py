@@ -3,7 +3,9 @@
 Threads, steps and feedback are stored so a page reload, or a reconnect to another chat_ui replica,
 lists and resumes the user's threads. Step fields we do not query on are kept in `extra` (jsonb).
 Chainlit authorises a resume by comparing `userIdentifier` of `get_thread` with the logged-in user;
-`list_threads` is always filtered by the user id Chainlit passes.
+`list_threads` is always filtered by the user id Chainlit passes. Threads are never shared: Chainlit's
+share endpoints ignore `allow_thread_sharing = false`, so the share flag is neither stored nor
+returned, and `/project/share/{id}` finds no thread shared.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ _STEP_COLUMNS = {
     "createdAt",
     "feedback",
 }
+
+_SHARING_KEYS = ("is_shared", "shared_at")  # Chainlit's thread-sharing metadata, never kept
 
 _THREAD_SQL = """
 SELECT t.id, t.name, t.tags, t.metadata, t.created_at, t.user_id, u.identifier
@@ -94,6 +98,8 @@ class PostgresDataLayer(BaseDataLayer):
         metadata: dict[str, Any] | None = None,
         tags: list[str] | None = None,
     ) -> None:
+        if metadata is not None:
+            metadata = {k: v for k, v in metadata.items() if k not in _SHARING_KEYS}
         async with self._pool.connection() as conn, conn.transaction():
             await self._ensure_thread(conn, thread_id)
             await conn.execute(
@@ -273,7 +279,9 @@ class PostgresDataLayer(BaseDataLayer):
             "userId": str(row["user_id"]) if row["user_id"] else None,
             "userIdentifier": row["identifier"],
             "tags": list(row["tags"] or []),
-            "metadata": row["metadata"] or {},
+            "metadata": {
+                k: v for k, v in (row["metadata"] or {}).items() if k not in _SHARING_KEYS
+            },
             "steps": [],
             "elements": [],
         }

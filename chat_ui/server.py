@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from backend.config import Settings, export_chainlit_env
 from backend.serving.pool import BreakerState
 from chat_ui import runtime as runtime_module
+from chat_ui.headers import SecurityHeaders
 from chat_ui.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -100,4 +101,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(rt.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     mount_chainlit(app, target=str(APP_ROOT / "chat_ui" / "app.py"), path=CHAT_PATH)
+    app.add_middleware(SecurityHeaders)
     return app

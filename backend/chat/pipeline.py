@@ -3,7 +3,8 @@ answer tokens) out. ARCHITECTURE.md steps 1-9; chat_ui only renders what this yi
 
     input guard ▸ rate limits (Redis) ▸ history (Redis) ▸ session slot (Redis lease, or the
     priority queue) ▸ tier ▸ shape ▸ sentiment probe ∥ answer stream (pool: failover before the
-    first token; output guard) ▸ history append ▸ audit record (PostgreSQL, every outcome)
+    first token; citations, Markdown sanitizing, output guard) ▸ history append ▸ audit record
+    (PostgreSQL, every outcome)
 
 Concurrency: one `ChatPipeline` serves every conversation of a chat_ui process; all shared state is
 in Redis or in the engine pool.
@@ -44,9 +45,10 @@ from backend.chat.grounding import (
     sources_context,
 )
 from backend.chat.history import History
+from backend.chat.markdown import MarkdownFilter
 from backend.chat.sentiment import SentimentProbe
 from backend.chat.shaping import Priority, Shaper, Tier, retrieval_top_k
-from backend.chat.streaming import cite, prepend, screened
+from backend.chat.streaming import filtered, prepend, screened
 from backend.errors import (
     EngineRestarting,
     EngineTimeout,
@@ -310,6 +312,7 @@ class ChatPipeline:
         parts: list[str] = []
         blocked = False
         started_at = time.monotonic()
+        markdown = MarkdownFilter()  # model output never makes the browser fetch or run anything
         try:
             started = await self._start(shaped.request, order)
             trail.replica = started.replica
@@ -324,8 +327,9 @@ class ChatPipeline:
             async with (
                 contextlib.aclosing(started.rest) as rest,
                 contextlib.aclosing(prepend(started.first, rest, trail.count_delta)) as deltas,
-                contextlib.aclosing(cite(deltas, citations)) as checked,
-                contextlib.aclosing(screened(checked, screen)) as releases,
+                contextlib.aclosing(filtered(deltas, citations)) as checked,
+                contextlib.aclosing(filtered(checked, markdown)) as safe,
+                contextlib.aclosing(screened(safe, screen)) as releases,
             ):
                 async for release in releases:
                     if release.text:
@@ -344,6 +348,8 @@ class ChatPipeline:
         finally:
             if probe is not None and not probe.done():
                 probe.cancel()
+            if self._metrics is not None:
+                self._metrics.count_sanitized(markdown.removed.items())
             if parts:
                 await self._history.append(
                     turn.thread_id,

@@ -1,15 +1,24 @@
 """The answer stream's stages between the engine and the UI, each a small async generator:
 
-engine deltas ▸ prepend(first) ▸ cite (drop [n] with no source) ▸ screened (guard hold-back)
+engine deltas ▸ prepend(first) ▸ filtered(CitationFilter: drop [n] with no source)
+▸ filtered(MarkdownFilter: no images, no javascript: links) ▸ screened (guard hold-back)
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
+from typing import Protocol
 
-from backend.chat.grounding import CitationFilter
 from backend.errors import EngineError
 from backend.guard import Release, StreamGuard
+
+
+class TextFilter(Protocol):
+    """A hold-back filter over a stream of text (`CitationFilter`, `MarkdownFilter`)."""
+
+    def feed(self, delta: str) -> str: ...
+
+    def finish(self) -> str: ...
 
 
 async def prepend(
@@ -46,22 +55,23 @@ async def screened(
     yield screen.finish()
 
 
-async def cite(
-    deltas: AsyncGenerator[str, None], citations: CitationFilter | None
+async def filtered(
+    deltas: AsyncGenerator[str, None], text_filter: TextFilter | None
 ) -> AsyncGenerator[str, None]:
-    """Deltas with citations to no source removed (a `[` held until its citation is complete);
-    without a filter, deltas pass as they are."""
-    if citations is None:
+    """Deltas through the filter (what it holds back comes out with a later delta, the rest when
+    the stream ends -- or fails, since what the engine did say is still shown); empty pieces are
+    not yielded. Without a filter, deltas pass as they are."""
+    if text_filter is None:
         async for delta in deltas:
             yield delta
         return
     try:
         async for delta in deltas:
-            if text := citations.feed(delta):
+            if text := text_filter.feed(delta):
                 yield text
-    except EngineError:  # what the engine did say is still shown
-        if rest := citations.finish():
+    except EngineError:
+        if rest := text_filter.finish():
             yield rest
         raise
-    if rest := citations.finish():
+    if rest := text_filter.finish():
         yield rest

@@ -16,6 +16,7 @@ import chainlit as cl
 
 from backend.auth import Role
 from backend.chat.grounding import Sources
+from backend.chat.markdown import sanitize
 from backend.errors import QwenStackError
 from backend.rag.client import RagClient
 from backend.rag.demo import DEMO_QUESTIONS
@@ -184,7 +185,7 @@ def source_elements(sources: Sources, cited: list[int]) -> tuple[str, list[cl.Te
         hit = sources.number_of(n)
         assert hit is not None
         name = f"来源{n}"
-        names.append(f"{name}《{hit.document_name}》{_where(hit)}")
+        names.append(f"{name}《{sanitize(hit.document_name)}》{_where(hit)}")
         elements.append(cl.Text(name=name, content=_passage(hit), display="side"))
     return "\n\n**参考资料**：" + "；".join(names), elements
 
@@ -205,13 +206,16 @@ def _where(hit: Hit) -> str:
     if hit.page_start:
         parts.append(f"第{hit.page_start}页")
     if hit.heading:
-        parts.append(hit.heading)
+        parts.append(sanitize(hit.heading))
     return f"（{'，'.join(parts)}）" if parts else ""
 
 
 def _passage(hit: Hit) -> str:
-    head = f"**{hit.document_name}**{_where(hit)}　字符 {hit.char_start}–{hit.char_end}\n\n"
-    return head + hit.text
+    """A source as shown beside the answer. Documents are outside text too: their Markdown is
+    sanitized like answers (no images, no non-http links)."""
+    name = sanitize(hit.document_name)
+    head = f"**{name}**{_where(hit)}　字符 {hit.char_start}–{hit.char_end}\n\n"
+    return head + sanitize(hit.text)
 
 
 async def safe(action: str, work: Awaitable[None]) -> None:

@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from backend.audit import AuditLog
 from backend.auth import UserStore
+from backend.chat.canary import canary_for
 from backend.chat.history import History
 from backend.chat.pipeline import ChatPipeline, PipelineConfig
 from backend.chat.sentiment import SentimentProbe
@@ -144,6 +145,7 @@ class Runtime:
                 warmup=serving.warmup,
                 engine_processes=tuple(serving.engine_processes),
                 top_k=settings.rag.top_k,
+                canary=canary_for(settings.audit.hmac_key.get_secret_value()),
             ),
         )
         users = UserStore(pool)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from backend.audit import AuditLog, AuditTrail
 from backend.audit import Outcome as Audited
+from backend.chat.canary import CANARY_RULE, LEAK_CATEGORY, CanaryFilter
 from backend.chat.events import (
     Cited,
     Done,
@@ -85,6 +86,7 @@ class PipelineConfig:
     warmup: bool = False
     engine_processes: tuple[str, ...] = ("engine",)
     top_k: int = 5  # chunks a knowledge-base answer is given at Tier.NORMAL
+    canary: str | None = None  # in the system prompt; an answer repeating it is stopped
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,8 @@ class ChatPipeline:
             yield Done(Outcome.REFUSED, lease.replica, tier, None, 0, False)
             return
         system_prompt, sources = self._config.system_prompt, None
+        if self._config.canary:
+            system_prompt += CANARY_RULE.format(canary=self._config.canary)
         if turn.knowledge is not None:
             system_prompt = f"{system_prompt}\n\n{KB_RULES}"
             retrieving_from = time.monotonic()
@@ -324,10 +328,12 @@ class ChatPipeline:
                     self._metrics.failovers.inc()
             screen = StreamGuard(self._guard.current()) if self._guard is not None else None
             citations = CitationFilter(count=len(sources.hits)) if sources else None
+            canary = CanaryFilter(self._config.canary) if self._config.canary else None
             async with (
                 contextlib.aclosing(started.rest) as rest,
                 contextlib.aclosing(prepend(started.first, rest, trail.count_delta)) as deltas,
-                contextlib.aclosing(filtered(deltas, citations)) as checked,
+                contextlib.aclosing(filtered(deltas, canary)) as unleaked,
+                contextlib.aclosing(filtered(unleaked, citations)) as checked,
                 contextlib.aclosing(filtered(checked, markdown)) as safe,
                 contextlib.aclosing(screened(safe, screen)) as releases,
             ):
@@ -339,6 +345,13 @@ class ChatPipeline:
                         blocked = True
                         trail.verdict("output", (hit.category for hit in release.blocked.hits))
                         break  # leaving the `async with` closes the upstream response
+                    if canary is not None and canary.tripped:
+                        blocked = True
+                        trail.verdict("output", (LEAK_CATEGORY,))
+                        break
+            if canary is not None and canary.tripped and not blocked:  # at the very end
+                blocked = True
+                trail.verdict("output", (LEAK_CATEGORY,))
             if screen is not None and not blocked:
                 trail.verdict("output", ())
             if blocked:

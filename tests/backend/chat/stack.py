@@ -50,6 +50,7 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
         urls: list[str], *, capacity: int = 4, budget_s: float = 5.0, sentiment: bool = False,
         client: aioredis.Redis | None = None, warmup: bool = False,
         guard: LexiconStore | None = None, retriever: Retriever | None = None,
+        canary: str | None = None,
     ) -> Stack:  # fmt: skip
         redis = client or redis_client
         pool = EnginePool(urls, llm=LLM, serving=ServingSettings())
@@ -74,6 +75,7 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
                 slots_per_replica=capacity,
                 queue_wait_budget_s=budget_s,
                 warmup=warmup,
+                canary=canary,
             ),
         )
         return Stack(pipeline, slots, history, status, pool, metrics)

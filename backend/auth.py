@@ -2,6 +2,8 @@
 
 Passwords are hashed with scrypt (n=2**14, r=8, p=1, 16-byte salt), stored as
 `scrypt$n$r$p$salt_b64$hash_b64`; verification is constant-time. Users live in PostgreSQL.
+Single sign-on accounts (`UserStore.provision`) store `!` + random text instead: no password
+verifies against it, so they cannot log in with a password.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from psycopg.errors import UniqueViolation
@@ -26,6 +29,19 @@ class Role(enum.StrEnum):
     USER = "user"
     KB_ADMIN = "kb_admin"
     ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        """Higher grants more: user < kb_admin < admin."""
+        return _RANKS[self]
+
+
+_RANKS = {Role.USER: 0, Role.KB_ADMIN: 1, Role.ADMIN: 2}
+
+
+def highest_role(roles: Iterable[Role]) -> Role:
+    """The role granting the most among `roles`; `user` when there is none."""
+    return max(roles, key=lambda role: role.rank, default=Role.USER)
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,7 @@ class Principal:
 
 
 _N, _R, _P = 2**14, 8, 1
+UNUSABLE_PREFIX = "!"  # marks a password hash no password matches (single sign-on accounts)
 
 
 def hash_password(password: str) -> str:
@@ -74,6 +91,16 @@ def verify_password(password: str, stored: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(digest, expected)
+
+
+def unusable_password_hash() -> str:
+    """A stored value no password verifies against (random, so no two accounts share it)."""
+    return UNUSABLE_PREFIX + secrets.token_urlsafe(24)
+
+
+def is_usable(stored: str) -> bool:
+    """False for a single sign-on account's password hash."""
+    return not stored.startswith(UNUSABLE_PREFIX)
 
 
 @functools.cache
@@ -135,8 +162,33 @@ class UserStore:
                 (identifier.strip(),),
             )
             row = await cur.fetchone()
-        stored = row[3] if row else _dummy_hash()
+        usable = row is not None and is_usable(row[3])
+        stored = row[3] if row is not None and usable else _dummy_hash()
         ok = await asyncio.to_thread(verify_password, password, stored)
-        if row is None or not ok:
+        if row is None or not usable or not ok:
             raise AuthError("bad credentials")
         return User(id=str(row[0]), identifier=row[1], role=Role(row[2]))
+
+    async def provision(self, identifier: str, *, role: Role, sync_role: bool) -> User:
+        """The single sign-on account `identifier`, created on first login with `role` and an
+        unusable password; with `sync_role` an existing account's role becomes `role`.
+
+        Raises AuthError for an empty identifier, or one naming a password account: an identity
+        provider never takes over a local login. One statement, so concurrent first logins agree.
+        """
+        identifier = identifier.strip()
+        if not identifier:
+            raise AuthError("empty single sign-on identifier")
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "INSERT INTO users (identifier, password_hash, role) VALUES (%s, %s, %s)"
+                " ON CONFLICT (identifier) DO UPDATE"
+                " SET role = CASE WHEN %s THEN EXCLUDED.role ELSE users.role END"
+                " WHERE starts_with(users.password_hash, %s)"
+                " RETURNING id, role",
+                (identifier, unusable_password_hash(), role.value, sync_role, UNUSABLE_PREFIX),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise AuthError(f"{identifier!r} is a password account; single sign-on refused")
+        return User(id=str(row[0]), identifier=identifier, role=Role(row[1]))

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import enum
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backend.auth import Role
 
 # Dev-mode defaults, refused in production mode.
 DEV_AUTH_SECRET = "dev-only-chainlit-auth-secret-change-me-0123456789"  # noqa: S105
@@ -220,6 +224,12 @@ class RateLimitSettings(BaseModel):
         6, description="messages a user may send at once before the rate applies (bucket size)"
     )
     concurrent_answers: int = Field(2, description="answers one user may have generating at once")
+    tokens_per_minute: float = Field(
+        20000.0, description="prompt + answer tokens a user may use per minute, sustained"
+    )
+    token_burst: int = Field(
+        40000, description="tokens a user may use at once before the per-minute rate applies"
+    )
     login_attempts_per_user: int = Field(
         10, description="failed logins per user name within the login window"
     )
@@ -247,6 +257,121 @@ class UISettings(BaseModel):
     )
 
 
+# Chainlit's own provider ids: a generic provider under one of these names would be shadowed.
+CHAINLIT_PROVIDER_IDS = frozenset(
+    {"github", "google", "azure-ad", "azure-ad-hybrid", "okta", "auth0", "descope",
+     "aws-cognito", "gitlab", "keycloak"}
+)  # fmt: skip
+_PROVIDER_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+class AuthSettings(BaseModel):
+    """Single sign-on beside password login: a trusted SSO proxy's headers, or an OIDC provider.
+
+    Header login is on when `header_user` is set; OIDC login when `oidc_client_id` is set. Both
+    create the account on first login (no usable password) and never take over a password account.
+    """
+
+    header_user: str = Field(
+        "",
+        description="header carrying the user name set by the SSO proxy (X-Forwarded-User); "
+        "empty: header login off",
+    )
+    header_role: str = Field(
+        "",
+        description="header carrying the user's groups, comma-separated (X-Forwarded-Groups); "
+        "empty: roles are not taken from the proxy",
+    )
+    header_role_map: dict[str, Role] = Field(
+        default_factory=dict,
+        description='group → role (JSON, e.g. {"qwen-admins": "admin"}); the highest mapped '
+        "role wins, no mapped group: `user`",
+    )
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="addresses/CIDRs (JSON list) allowed to send the header login headers, as "
+        "chat_ui sees the client; any other client is refused",
+    )
+    oidc_name: str = Field(
+        "SSO",
+        description="OIDC provider name: the login button and /chat/auth/oauth/<name>/callback",
+    )
+    oidc_client_id: str = Field("", description="OIDC client id; empty: OIDC login off")
+    oidc_client_secret: SecretStr | None = Field(None, description="OIDC client secret")
+    oidc_issuer: str = Field(
+        "",
+        description="Keycloak realm URL (https://kc/realms/R): the three URLs below default to "
+        "its /protocol/openid-connect/{auth,token,userinfo}",
+    )
+    oidc_auth_url: str = Field("", description="OIDC authorization endpoint")
+    oidc_token_url: str = Field("", description="OIDC token endpoint")
+    oidc_userinfo_url: str = Field("", description="OIDC userinfo endpoint")
+    oidc_scopes: str = Field("openid profile email", description="OIDC scopes requested")
+    oidc_user_claim: str = Field(
+        "preferred_username", description="userinfo claim used as the login name"
+    )
+    oidc_role_claim: str = Field(
+        "",
+        description="userinfo claim holding groups/roles, dotted for nesting "
+        "(realm_access.roles); empty: roles are not taken from the provider",
+    )
+    oidc_role_map: dict[str, Role] = Field(
+        default_factory=dict, description="claim value → role (JSON); the highest mapped role wins"
+    )
+    public_url: str = Field(
+        "",
+        description="the UI's external URL (https://chat.example.com) for the OIDC redirect; "
+        "empty: the request's own",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuthSettings:
+        if self.header_user and not self.trusted_proxies:
+            raise ValueError(
+                "QWEN_AUTH__HEADER_USER needs QWEN_AUTH__TRUSTED_PROXIES (the SSO proxy's address)"
+            )
+        if not _PROVIDER_NAME.fullmatch(self.oidc_name) or self.oidc_name in CHAINLIT_PROVIDER_IDS:
+            raise ValueError(
+                "QWEN_AUTH__OIDC_NAME must be 1-32 of A-Z a-z 0-9 _ - and not a Chainlit provider id"
+            )
+        if not self.oidc_client_id:
+            return self
+        if self.oidc_client_secret is None:
+            raise ValueError("OIDC login needs QWEN_AUTH__OIDC_CLIENT_SECRET")
+        endpoints = self.oidc_endpoints
+        if not (endpoints.auth and endpoints.token and endpoints.userinfo):
+            raise ValueError(
+                "OIDC login needs QWEN_AUTH__OIDC_ISSUER (Keycloak) or QWEN_AUTH__OIDC_AUTH_URL, "
+                "QWEN_AUTH__OIDC_TOKEN_URL and QWEN_AUTH__OIDC_USERINFO_URL"
+            )
+        return self
+
+    @property
+    def header_login(self) -> bool:
+        return bool(self.header_user)
+
+    @property
+    def oidc_login(self) -> bool:
+        return bool(self.oidc_client_id)
+
+    @property
+    def oidc_endpoints(self) -> OidcEndpoints:
+        """The explicit URLs, else the Keycloak layout under `oidc_issuer`, else empty strings."""
+        base = self.oidc_issuer.rstrip("/") + "/protocol/openid-connect" if self.oidc_issuer else ""
+        return OidcEndpoints(
+            auth=self.oidc_auth_url or (base and base + "/auth"),
+            token=self.oidc_token_url or (base and base + "/token"),
+            userinfo=self.oidc_userinfo_url or (base and base + "/userinfo"),
+        )
+
+
+@dataclass(frozen=True)
+class OidcEndpoints:
+    auth: str
+    token: str
+    userinfo: str
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="QWEN_",
@@ -271,6 +396,7 @@ class Settings(BaseSettings):
     rag: RagSettings = Field(default_factory=RagSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @model_validator(mode="after")
     def _refuse_dev_secrets(self) -> Settings:
@@ -302,16 +428,70 @@ class Settings(BaseSettings):
         return self.state_dir / "run"
 
 
+# Not a setting: written by export_chainlit_env for chat_ui/app.py (see exported_login).
+HEADER_LOGIN_ENV = "QWEN_STACK_HEADER_LOGIN"
+
+
 def export_chainlit_env(settings: Settings, *, app_root: Path) -> None:
     """Chainlit reads a few values from the process environment at import time; set them from ours.
 
     This is the one place that writes the environment. `DATABASE_URL` is removed because Chainlit
-    would silently use it as its own history store (we give it our data layer instead).
+    would silently use it as its own history store (we give it our data layer instead). Every
+    `OAUTH_*` variable is replaced: only the OIDC provider of `settings.auth` is offered, as
+    Chainlit's generic provider (`OAUTH_GENERIC_*`, `CHAINLIT_URL` for its redirect URL).
     """
     os.environ["CHAINLIT_APP_ROOT"] = str(app_root)
     os.environ["CHAINLIT_AUTH_SECRET"] = settings.ui.auth_secret.get_secret_value()
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("LITERAL_API_KEY", None)
+    auth = settings.auth
+    for name in [name for name in os.environ if name.startswith("OAUTH_")]:
+        os.environ.pop(name)
+    _set_or_pop("CHAINLIT_URL", auth.public_url)
+    _set_or_pop(HEADER_LOGIN_ENV, "1" if auth.header_login else "")
+    if auth.oidc_login:
+        assert auth.oidc_client_secret is not None  # AuthSettings checks it
+        endpoints = auth.oidc_endpoints
+        os.environ.update(
+            {
+                "OAUTH_GENERIC_NAME": auth.oidc_name,
+                "OAUTH_GENERIC_CLIENT_ID": auth.oidc_client_id,
+                "OAUTH_GENERIC_CLIENT_SECRET": auth.oidc_client_secret.get_secret_value(),
+                "OAUTH_GENERIC_AUTH_URL": endpoints.auth,
+                "OAUTH_GENERIC_TOKEN_URL": endpoints.token,
+                "OAUTH_GENERIC_USER_INFO_URL": endpoints.userinfo,
+                "OAUTH_GENERIC_SCOPES": auth.oidc_scopes,
+                "OAUTH_GENERIC_USER_IDENTIFIER": auth.oidc_user_claim,
+            }
+        )
+
+
+def _set_or_pop(name: str, value: str) -> None:
+    if value:
+        os.environ[name] = value
+    else:
+        os.environ.pop(name, None)
+
+
+@dataclass(frozen=True)
+class ChainlitLogin:
+    """The single sign-on methods export_chainlit_env turned on in this process."""
+
+    header: bool
+    oidc_provider: str | None  # the OIDC provider's Chainlit id; None: OIDC login off
+
+
+def exported_login() -> ChainlitLogin:
+    """What the last export_chainlit_env in this process turned on.
+
+    Chainlit loads chat_ui/app.py once, after export_chainlit_env and before any runtime exists,
+    and offers a login method only if its callback is registered then; app.py asks here.
+    """
+    oidc = bool(os.environ.get("OAUTH_GENERIC_CLIENT_ID"))
+    return ChainlitLogin(
+        header=os.environ.get(HEADER_LOGIN_ENV) == "1",
+        oidc_provider=os.environ.get("OAUTH_GENERIC_NAME", "generic") if oidc else None,
+    )
 
 
 def child_env(overrides: dict[str, str]) -> dict[str, str]:

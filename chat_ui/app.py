@@ -14,6 +14,7 @@ from typing import Any
 import chainlit as cl
 from chainlit.input_widget import InputWidget, Select
 from chainlit.types import ThreadDict
+from starlette.datastructures import Headers
 
 from backend.audit import CLIENT_DISCONNECTED
 from backend.chat.events import (
@@ -30,9 +31,10 @@ from backend.chat.events import (
 from backend.chat.grounding import Knowledge
 from backend.chat.history import History
 from backend.chat.pipeline import Turn
+from backend.config import exported_login
 from backend.errors import AuthError, QwenStackError, RateLimited
 from backend.serving.engine import Message
-from chat_ui import knowledge, runtime
+from chat_ui import knowledge, runtime, sso
 from chat_ui.data_layer import PostgresDataLayer
 
 logger = logging.getLogger("chat_ui.app")
@@ -81,6 +83,53 @@ async def _login(username: str, password: str) -> cl.User | None:
     with contextlib.suppress(QwenStackError):
         await rt.logins.succeeded(username)
     return cl.User(identifier=user.identifier, metadata={"role": user.role.value, "id": user.id})
+
+
+async def _header_login(headers: Headers) -> cl.User | None:
+    """Login by a trusted SSO proxy's headers (POST /chat/auth/header, which Chainlit's login page
+    calls by itself); None refuses it. The client address comes from chat_ui.server's middleware."""
+    auth = runtime.current().settings.auth
+    return await _sign_in(
+        sso.header_identity(headers, client_ip=runtime.client_ip.get(), auth=auth)
+    )
+
+
+async def _oidc_login(
+    provider_id: str,
+    token: str,
+    raw_user_data: dict[str, Any],
+    default_user: cl.User,
+    id_token: str | None = None,
+) -> cl.User | None:
+    """Login by the OIDC provider's userinfo (after Chainlit's code exchange); None refuses it."""
+    auth = runtime.current().settings.auth
+    return await _sign_in(sso.oidc_identity(provider_id, raw_user_data, auth=auth))
+
+
+async def _sign_in(identity: sso.Identity | None) -> cl.User | None:
+    """The single sign-on account as Chainlit's user, shaped like `_login`'s; created on first
+    login. None for no identity or one naming a password account."""
+    if identity is None:
+        return None
+    try:
+        user = await runtime.current().users.provision(
+            identity.identifier, role=identity.role, sync_role=identity.sync_role
+        )
+    except AuthError as exc:
+        logger.warning("single sign-on refused: %s", exc)
+        return None
+    return cl.User(identifier=user.identifier, metadata={"role": user.role.value, "id": user.id})
+
+
+# Chainlit offers a login method exactly when its callback exists, and loads this file once, after
+# export_chainlit_env: register only what the settings turn on (an idle header callback would make
+# every visit to the login page show a failed login).
+_sso = exported_login()
+if _sso.header:
+    cl.header_auth_callback(_header_login)
+if _sso.oidc_provider is not None:
+    sso.install_oidc_provider(name=_sso.oidc_provider)
+    cl.oauth_callback(_oidc_login)
 
 
 @cl.set_chat_profiles

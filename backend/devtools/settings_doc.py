@@ -30,6 +30,8 @@ def _default(field: FieldInfo) -> str:
         return "(dev default)" if secret in DEV_SECRETS else f"`{secret}`"
     if value is None:
         return "(unset)"
+    if value == "":
+        return "(empty)"
     if isinstance(value, list) and not value:
         return "[]"
     return f"`{value}`"

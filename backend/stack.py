@@ -106,6 +106,7 @@ def plan(
         ui_env["QWEN_SERVING__REPLICAS"] = json.dumps(urls)
         ui_env["QWEN_SERVING__ENGINE_PROCESSES"] = json.dumps(names)
     rag_host = "127.0.0.1" if settings.rag.host in {"0.0.0.0", ""} else settings.rag.host  # noqa: S104
+    ui_env["QWEN_RAG__WORKER_URL"] = f"http://{rag_host}:{settings.rag.port}"  # the worker we run
     children.append(
         ChildSpec(
             name=RAG,

@@ -113,3 +113,8 @@ def test_ui_command_binds_configured_address(settings: Settings) -> None:
 def test_ui_command_builds_app_factory(settings: Settings) -> None:
     argv = ui_command(settings)
     assert argv[argv.index("chat_ui.server:create_app") + 1] == "--factory"
+
+
+def test_ui_is_told_the_rag_worker(settings: Settings) -> None:
+    ui = next(c for c in plan(settings, env={}, model=MODEL).children if c.name == UI)
+    assert ui.env["QWEN_RAG__WORKER_URL"] == "http://127.0.0.1:8200"

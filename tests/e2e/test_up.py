@@ -36,6 +36,7 @@ class Up:
             "QWEN_UI__PORT": str(ui_port),
             "QWEN_ENGINE__PORT": str(engine_port),
             "QWEN_ENGINE__N_THREADS": "1",
+            "QWEN_RAG__PORT": str(free_port()),
         }
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
@@ -94,10 +95,10 @@ def test_up_serves_restarts_engine_and_stops(tmp_path: Path, ports: tuple[int, i
         metrics = httpx.get(url + "/metrics", trust_env=False).text
         assert 'qwen_engine_up{replica="http://127.0.0.1:' in metrics
         assert login_status(url, "admin", "wrong-password") == 401
-        engine_pid = int(dict(up.wait_for(STARTED, count=2))["engine"])
+        engine_pid = int(dict(up.wait_for(STARTED, count=3))["engine"])  # engine, RAG worker, UI
         os.kill(engine_pid, signal.SIGKILL)
         up.wait_for(re.compile(r"engine exited with -9 .* restarting in"))
-        restarted = up.wait_for(STARTED, count=3)
+        restarted = up.wait_for(STARTED, count=4)
         new_pid = int([pid for name, pid in restarted if name == "engine"][-1])
         assert new_pid != engine_pid
         engine = f"http://127.0.0.1:{engine_port}/v1/models"

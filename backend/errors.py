@@ -207,12 +207,13 @@ class RagUnavailable(KnowledgeBaseError):
 _RATE_LIMIT_MESSAGES = {  # by `RateLimited.kind` (backend/ratelimit.py LimitKind values)
     "concurrency": "您已有回答正在生成，请等它结束，或 {n} 秒后再试。",
     "login": "登录尝试次数过多，请 {n} 秒后再试。",
+    "tokens": "本时段使用的文字量已达上限，请 {n} 秒后再试。",
 }
 
 
 class RateLimited(ServiceBusy):
     """A per-user limit refused the request. `retry_after_s`: seconds until it would pass;
-    `kind`: which limit (`messages`, `concurrency`, `login`)."""
+    `kind`: which limit (`messages`, `tokens`, `concurrency`, `login`)."""
 
     def __init__(self, retry_after_s: float, *, kind: str = "messages") -> None:
         super().__init__(f"rate limited ({kind}); retry after {retry_after_s:.1f}s")

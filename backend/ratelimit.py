@@ -3,22 +3,41 @@
     limiter = RateLimiter(redis, settings=settings.ratelimit, metrics=metrics)
     async with limiter.admit(user, request_id=rid):   # raises RateLimited (the user's message)
         ...answer...
+    await limiter.charge(user, prompt_tokens + completion_tokens)   # after it, whatever it cost
     logins = LoginLimiter(redis, settings=settings.ratelimit, metrics=metrics)
     await logins.check(name, ip=ip); ...; await logins.failed(name, ip=ip) / succeeded(name)
 
-Three limits, each one Lua script, atomic on the Redis server, with time read by `TIME` inside the
+Four limits, each one Lua script, atomic on the Redis server, with time read by `TIME` inside the
 script (never a caller's clock), so any number of processes share them exactly:
 
     <prefix>bucket:<user>     HASH  tokens, ts      token bucket: `message_burst` deep, refilled at
                                                     `messages_per_minute`; one token per message
+    <prefix>tokens:<user>     HASH  tokens, ts      token bucket of model tokens: `token_burst`
+                                                    deep, refilled at `tokens_per_minute`; an
+                                                    answer is admitted while the level is above
+                                                    zero and charged its prompt + completion tokens
+                                                    afterwards, so the level may go below zero (an
+                                                    answer's cost is known only at its end) and the
+                                                    next one waits until it is back above
     <prefix>inflight:<user>   ZSET  request -> expiry ms   answers generating now; a place expires
                                                     `inflight_ttl_s` after its last renewal (renewed
                                                     while held), so a crashed process frees it
     <prefix>login:user:<n>, <prefix>login:ip:<a>  STRING  failed logins in a fixed window
 
-Users and IPs appear in keys only as a SHA-256 prefix. Every key expires on its own once idle.
-Rejections raise RateLimited (with the seconds until the limit would pass) and are counted in
-`qwen_rate_limited_total{kind}`; Redis failures raise RedisUnavailable.
+Users and IPs appear in keys only as a SHA-256 prefix. Every key expires on its own once idle
+(a bucket once it would be full again). Rejections raise RateLimited (with the seconds until the
+limit would pass; kind `messages`, `tokens`, `concurrency` or `login`) and are counted in
+`qwen_rate_limited_total{kind}`.
+
+When Redis is down (unreachable, or answering with errors) the limits fail closed for whatever
+they admit: `admit` (so `check_message`, `check_tokens`, `answering`) and `LoginLimiter.check`
+raise RedisUnavailable, so no message is answered and no password is checked that could not be
+counted; chat_ui shows RedisUnavailable's message (会话存储（Redis）暂时不可用，请稍后重试。) and
+refuses the login. Failing open would buy nothing here: history, session slots and the queue live
+in the same Redis, so an answer could not be served anyway. What runs after admission never fails
+an answer already under way: renewing and releasing a concurrent-answer place and charging
+an answer's tokens only log the failure (the place then expires by itself; those tokens go
+uncharged). `LoginLimiter.failed` / `succeeded` raise RedisUnavailable; the UI ignores it.
 """
 
 from __future__ import annotations
@@ -61,6 +80,23 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return {allowed, string.format('%.6f', retry)}
 """
 
+# KEYS: token bucket. ARGV: rate (tokens per second), burst, charge (0: only look). The level is
+# refilled towards `burst`, then the charge taken in full: it may go below zero. Returns {level,
+# seconds until the level is back at zero (0 when it is not below)}, as strings.
+_TOKENS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst, charge = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local level, ts = tonumber(state[1]), tonumber(state[2])
+if level == nil or ts == nil then level, ts = burst, now end
+level = math.min(burst, level + math.max(0, now - ts) * rate) - charge
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.9f', level),
+           'ts', string.format('%.6f', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / rate * 1000) + 1000)
+return {string.format('%.6f', level), string.format('%.6f', math.max(0, -level) / rate)}
+"""
+
 # KEYS: inflight. ARGV: request id, limit, ttl ms. Takes (or renews) the request's place.
 _ENTER = """
 local t = redis.call('TIME')
@@ -98,6 +134,7 @@ return 1
 
 class LimitKind(enum.StrEnum):
     MESSAGES = "messages"
+    TOKENS = "tokens"
     CONCURRENCY = "concurrency"
     LOGIN = "login"
 
@@ -106,6 +143,20 @@ class LimitKind(enum.StrEnum):
 class Decision:
     allowed: bool
     retry_after_s: float  # 0 when allowed
+
+
+@dataclass(frozen=True)
+class Balance:
+    """A user's model-token bucket: `level` tokens (below zero after answers that cost more than
+    was left) and the seconds until it is back at zero (0 when it is not below)."""
+
+    level: float
+    retry_after_s: float
+
+    @property
+    def allowed(self) -> bool:
+        """Whether an answer may start now."""
+        return self.level > 0
 
 
 def _tag(value: str) -> str:
@@ -125,7 +176,8 @@ class _Limits:
 
 
 class RateLimiter(_Limits):
-    """Chat limits of one user: messages per minute (token bucket) and concurrent answers."""
+    """Chat limits of one user: messages per minute and model tokens per minute (token buckets),
+    and concurrent answers."""
 
     def __init__(
         self,
@@ -138,14 +190,19 @@ class RateLimiter(_Limits):
     ) -> None:
         if settings.messages_per_minute <= 0 or settings.message_burst < 1:
             raise ValueError("messages_per_minute must be > 0 and message_burst >= 1")
+        if settings.tokens_per_minute <= 0 or settings.token_burst < 1:
+            raise ValueError("tokens_per_minute must be > 0 and token_burst >= 1")
         if settings.concurrent_answers < 1 or inflight_ttl_s <= 0:
             raise ValueError("concurrent_answers must be >= 1 and inflight_ttl_s > 0")
         super().__init__(client, metrics=metrics, prefix=prefix)
         self._rate = settings.messages_per_minute / 60.0
         self._burst = settings.message_burst
+        self._token_rate = settings.tokens_per_minute / 60.0
+        self._token_burst = settings.token_burst
         self._concurrent = settings.concurrent_answers
         self._ttl_ms = round(inflight_ttl_s * 1000)
         self._bucket = client.register_script(_BUCKET)
+        self._tokens = client.register_script(_TOKENS)
         self._enter = client.register_script(_ENTER)
 
     async def take(self, user: str) -> Decision:
@@ -163,6 +220,39 @@ class RateLimiter(_Limits):
         decision = await self.take(user)
         if not decision.allowed:
             raise self._refuse(LimitKind.MESSAGES, decision.retry_after_s)
+
+    async def spend(self, user: str, tokens: int) -> Balance:
+        """Take `tokens` (0: only look) from the user's model-token bucket, in full, even below
+        zero; the balance after. Raises ValueError for a negative count, RedisUnavailable."""
+        if tokens < 0:
+            raise ValueError("cannot spend a negative number of tokens")
+        key = f"{self._prefix}tokens:{_tag(user)}"
+        try:
+            reply: Any = await self._tokens(
+                keys=[key], args=[self._token_rate, self._token_burst, tokens]
+            )
+        except RedisError as exc:
+            raise RedisUnavailable("token limit check failed") from exc
+        level, retry = reply
+        return Balance(level=float(level), retry_after_s=float(retry))
+
+    async def check_tokens(self, user: str) -> None:
+        """Refuse while the user's model-token bucket is not above zero. Raises RateLimited (kind
+        `tokens`, retry after the seconds until the level is back at zero), RedisUnavailable."""
+        balance = await self.spend(user, 0)
+        if not balance.allowed:
+            raise self._refuse(LimitKind.TOKENS, balance.retry_after_s)
+
+    async def charge(self, user: str, tokens: int) -> Balance | None:
+        """Charge an answer's `tokens` (prompt + completion) to the user's bucket, however far
+        below zero that takes it; the balance after. Never fails the answer: a Redis failure is
+        logged and None returned (those tokens go uncharged). Raises ValueError for a negative
+        count."""
+        try:
+            return await self.spend(user, tokens)
+        except RedisUnavailable as exc:
+            logger.warning("%d tokens not charged: %s", tokens, exc.__cause__)
+            return None
 
     @contextlib.asynccontextmanager
     async def answering(self, user: str, *, request_id: str) -> AsyncIterator[None]:
@@ -186,9 +276,11 @@ class RateLimiter(_Limits):
 
     @contextlib.asynccontextmanager
     async def admit(self, user: str, *, request_id: str) -> AsyncIterator[None]:
-        """One message: a token from the bucket (spent even when the concurrency cap then
-        refuses), then a concurrent-answer place held for the body. Raises RateLimited,
-        RedisUnavailable."""
+        """One message: the model-token bucket must be above zero (nothing is spent when it is
+        not), then a message token from its bucket (spent even when the concurrency cap then
+        refuses), then a concurrent-answer place held for the body. The caller charges the
+        answer's tokens afterwards (`charge`). Raises RateLimited, RedisUnavailable."""
+        await self.check_tokens(user)
         await self.check_message(user)
         async with self.answering(user, request_id=request_id):
             yield

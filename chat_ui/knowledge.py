@@ -148,7 +148,11 @@ def _status(doc: DocumentOut) -> str:
 
 def _line(doc: DocumentOut) -> str:
     if doc.status is DocumentStatus.INDEXED:
-        return f"【已入库】{doc.filename}（{doc.chunk_count} 个片段）"
+        flags = ""
+        if doc.guard_flagged_chunks:  # indexed all the same; retrieval withholds blocked chunks
+            categories = "、".join(doc.guard_categories)
+            flags = f"；其中 {doc.guard_flagged_chunks} 个含敏感内容：{categories}"
+        return f"【已入库】{doc.filename}（{doc.chunk_count} 个片段{flags}）"
     if doc.status is DocumentStatus.FAILED:
         return f"【失败】{doc.filename}：{doc.error or '处理失败'}"
     return f"【{_status(doc)}】{doc.filename}"

@@ -208,7 +208,8 @@ class ChatPipeline:
 
     async def _answer(self, turn: Turn, trail: AuditTrail) -> AsyncGenerator[Event, None]:
         """Guard the message (blocked: a notice, no engine call), apply the user's rate limits,
-        then serve it (`_serve`). Raises RateLimited, RedisUnavailable, and what `_serve` raises."""
+        serve it (`_serve`), then charge its prompt + completion tokens to the user, whatever the
+        outcome. Raises RateLimited, RedisUnavailable, and what `_serve` raises."""
         if self._guard is not None:
             verdict = self._guard.current().check(turn.text)
             trail.verdict("input", (hit.category for hit in verdict.hits))
@@ -219,12 +220,16 @@ class ChatPipeline:
                 yield Done(Outcome.BLOCKED, None, Tier.NORMAL, None, 0, False)
                 return
         admitted: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        key = turn.user or f"thread:{turn.thread_id}"
         if self._limiter is not None:
-            key = turn.user or f"thread:{turn.thread_id}"
             admitted = self._limiter.admit(key, request_id=turn.request_id)
-        async with admitted, contextlib.aclosing(self._serve(turn, trail)) as events:
-            async for event in events:
-                yield event
+        try:
+            async with admitted, contextlib.aclosing(self._serve(turn, trail)) as events:
+                async for event in events:
+                    yield event
+        finally:  # stopped and failed answers cost what the engine did
+            if self._limiter is not None and trail.prompt_tokens:
+                await self._limiter.charge(key, trail.prompt_tokens + trail.completion_tokens)
 
     async def _serve(self, turn: Turn, trail: AuditTrail) -> AsyncGenerator[Event, None]:
         """Yield the events of one admitted answer.

@@ -87,20 +87,26 @@ async def finish(
     embeddings: np.ndarray,
     *,
     search_texts: Sequence[str],
+    guard_categories: Sequence[str] = (),
+    guard_flagged_chunks: int = 0,
 ) -> bool:
     """Replace the document's chunks and mark it indexed, in one transaction.
 
     `embeddings` is float (len(chunks), dim), row i for chunks[i]; `search_texts[i]` is chunks[i]
-    segmented for full-text search. Locks the document row and checks the lease token first:
-    False (nothing written) if the claim was fenced off. Any error rolls everything back, so the
-    previous chunks and the status stay as they were. NUL characters are dropped from texts
-    (PostgreSQL text cannot hold them). Raises ValueError on mismatched lengths, psycopg.Error on
-    bad vectors (NaN, wrong dimension).
+    segmented for full-text search. `guard_categories` (stored sorted, without repeats) and
+    `guard_flagged_chunks` are what the guard found in the chunks; they replace the previous
+    run's. Locks the document row and checks the lease token first: False (nothing written) if
+    the claim was fenced off. Any error rolls everything back, so the previous chunks, flags and
+    status stay as they were. NUL characters are dropped from texts (PostgreSQL text cannot hold
+    them). Raises ValueError on mismatched lengths or a flagged-chunk count outside
+    0..len(chunks), psycopg.Error on bad vectors (NaN, wrong dimension).
     """
     if not (len(chunks) == len(search_texts) == len(embeddings)):
         raise ValueError(
             f"{len(chunks)} chunks, {len(search_texts)} search texts, {len(embeddings)} embeddings"
         )
+    if not 0 <= guard_flagged_chunks <= len(chunks):
+        raise ValueError(f"{guard_flagged_chunks} flagged chunks of {len(chunks)}")
     async with conn.transaction():
         cur = await vectors.cursor(conn)
         await cur.execute(
@@ -127,9 +133,10 @@ async def finish(
                 )  # fmt: skip
         await cur.execute(
             "UPDATE rag_documents SET status = 'indexed', progress = 1, chunk_count = %s,"
+            " guard_categories = %s, guard_flagged_chunks = %s,"
             " error_code = NULL, error = NULL, lease_token = NULL, lease_until = NULL,"
             " indexed_at = now(), updated_at = now() WHERE id = %s",
-            (len(chunks), held.document.id),
+            (len(chunks), sorted(set(guard_categories)), guard_flagged_chunks, held.document.id),
         )
     return True
 

@@ -2,9 +2,11 @@
 
 `IngestWorker` takes a job (`JobQueue.next`), claims the document in the store (a lease), runs the
 `Indexer` on the stored file (parse in the sandbox, chunk, embed in batches, segment for full-text
-search) and writes the result with `finish` in one transaction; only then is the job
-acknowledged. While it works, a heartbeat renews the lease and touches the stream entry every
-`lease_s / 3`. So:
+search, check each chunk with the guard) and writes the result with `finish` in one transaction;
+only then is the job acknowledged. A document whose chunks hit the guard's lexicon is indexed all
+the same, flagged with the categories hit and the number of chunks that hit (the admin list shows
+them): retrieval withholds blocked chunks at question time. While it works, a heartbeat renews
+the lease and touches the stream entry every `lease_s / 3`. So:
 
 - a crashed consumer's job is reclaimed after `reclaim_idle_s` of silence, by which time its lease
   (`lease_s` < `reclaim_idle_s`) has run out, so the new consumer's claim succeeds;
@@ -37,6 +39,7 @@ import numpy as np
 import psycopg
 
 from backend.errors import ConfigError, DocumentRejected, RejectReason, ServiceError
+from backend.guard import Matcher
 from backend.metrics import RagMetrics
 from backend.rag.chunking import Chunker
 from backend.rag.document import Chunk, ParsedDocument
@@ -60,6 +63,8 @@ EMBEDDED_PROGRESS = 0.95  # progress once every batch is embedded; the store's f
 EMBED_GROUP_BATCHES = 4  # embedding batches per embedder call (progress is reported per call)
 
 Progress = Callable[[float], Awaitable[None]]
+# The lexicon in force, asked for once per document (LexiconStore.current: it may reload).
+MatcherProvider = Callable[[], Matcher]
 
 
 class Parser(Protocol):
@@ -77,16 +82,29 @@ class Segmenter(Protocol):
 @dataclass(frozen=True)
 class IndexedDocument:
     """What `KnowledgeStore.finish` writes: row i of `embeddings` and `search_texts[i]` belong to
-    `chunks[i]`."""
+    `chunks[i]`; `guard_categories` (sorted) are the lexicon categories the chunks hit and
+    `guard_flagged_chunks` how many chunks hit any (both empty without a guard)."""
 
     chunks: tuple[Chunk, ...]
     embeddings: Vectors
     search_texts: tuple[str, ...]
+    guard_categories: tuple[str, ...] = ()
+    guard_flagged_chunks: int = 0
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """The work done beside the embedder: search texts and the guard's findings."""
+
+    search_texts: list[str]
+    guard_categories: tuple[str, ...]
+    guard_flagged_chunks: int
 
 
 class Indexer:
-    """Parses, chunks, embeds and segments one file. Holds no per-document state, so one instance
-    may serve several concurrent consumers (the embedder and segmenter are thread-safe)."""
+    """Parses, chunks, embeds, segments and guard-checks one file. Holds no per-document state, so
+    one instance may serve several concurrent consumers (the embedder, segmenter and matchers are
+    thread-safe)."""
 
     def __init__(
         self,
@@ -96,9 +114,11 @@ class Indexer:
         fulltext: Segmenter,
         *,
         embed_batch: int,
+        guard: MatcherProvider | None = None,
         metrics: RagMetrics | None = None,
     ) -> None:
-        """`metrics`: each stage's seconds per document go to `rag_ingest_stage_seconds`."""
+        """`guard`: the lexicon each chunk's text is checked against (None: no check).
+        `metrics`: each stage's seconds per document go to `rag_ingest_stage_seconds`."""
         if embed_batch < 1:
             raise ValueError("embed_batch must be at least 1")
         self._metrics = metrics
@@ -106,10 +126,11 @@ class Indexer:
         self._chunker = chunker
         self._embedder = embedder
         self._fulltext = fulltext
+        self._guard = guard
         self._batch = embed_batch
 
     async def index(self, path: Path, *, on_progress: Progress) -> IndexedDocument:
-        """The chunks, embeddings and search texts of the file at `path`.
+        """The chunks, embeddings, search texts and guard findings of the file at `path`.
 
         Awaits `on_progress(fraction)` after parsing and after each embedder call of
         EMBED_GROUP_BATCHES × `embed_batch` texts (fractions grow from PARSED_PROGRESS to
@@ -127,8 +148,9 @@ class Indexer:
             raise DocumentRejected(RejectReason.NO_TEXT, "no chunk")
         await on_progress(PARSED_PROGRESS)
         texts = [self._chunker.embedding_text(chunk) for chunk in chunks]
-        # jieba (pure Python) runs beside the model (torch releases the GIL): both cores stay busy.
-        segmenting = asyncio.ensure_future(asyncio.to_thread(self._segment, texts))
+        # jieba and the guard (Python) run beside the model (torch releases the GIL): both cores
+        # stay busy.
+        segmenting = asyncio.ensure_future(asyncio.to_thread(self._prepare, texts, chunks))
         segmenting.add_done_callback(_retrieve)
         parts: list[Vectors] = []
         try:
@@ -145,15 +167,29 @@ class Indexer:
             self._observe(embed=time.perf_counter() - embedding_from)
         finally:
             await asyncio.wait({segmenting})  # never leaves the thread's work behind
-        search_texts = segmenting.result()
+        prepared = segmenting.result()
         embeddings: Vectors = np.concatenate(parts, axis=0)
         logger.debug("indexed %s: %d chunks", path.name, len(chunks))
         return IndexedDocument(
-            chunks=tuple(chunks), embeddings=embeddings, search_texts=tuple(search_texts)
-        )
+            chunks=tuple(chunks), embeddings=embeddings,
+            search_texts=tuple(prepared.search_texts),
+            guard_categories=prepared.guard_categories,
+            guard_flagged_chunks=prepared.guard_flagged_chunks,
+        )  # fmt: skip
 
-    def _segment(self, texts: list[str]) -> list[str]:
-        return [self._fulltext.index_text(text) for text in texts]
+    def _prepare(self, texts: list[str], chunks: list[Chunk]) -> _Prepared:
+        """Search texts of `texts`, and the guard's check of each chunk's text (what retrieval
+        hands out and screens again at question time). Runs in a thread."""
+        search_texts = [self._fulltext.index_text(text) for text in texts]
+        categories: set[str] = set()
+        flagged = 0
+        if self._guard is not None:
+            matcher = self._guard()
+            for chunk in chunks:
+                hits = matcher.check(chunk.text).hits
+                categories.update(hit.category for hit in hits)
+                flagged += bool(hits)
+        return _Prepared(search_texts, tuple(sorted(categories)), flagged)
 
     def _observe(self, **seconds: float) -> None:
         if self._metrics is not None:
@@ -183,7 +219,9 @@ class IngestWorker:
     `lease_s`: the document lease, renewed every `lease_s / 3` while working; it must be shorter
     than `reclaim_idle_s`, the silence after which another consumer takes a job over.
     `max_deliveries`: deliveries before a job is dead-lettered. `embed_batch`: the embedder's
-    batch size (see Indexer). `metrics` counts outcomes, chunks and dead letters. Several workers may share the store, the queue, the storage and the models.
+    batch size and `guard` the lexicon chunks are checked against (see Indexer). `metrics` counts
+    outcomes, chunks and dead letters. Several workers may share the store, the queue, the
+    storage, the models and the guard.
     """
 
     def __init__(
@@ -201,6 +239,7 @@ class IngestWorker:
         reclaim_idle_s: float,
         max_deliveries: int,
         embed_batch: int,
+        guard: MatcherProvider | None = None,
         metrics: RagMetrics | None = None,
     ) -> None:
         if not 0 < lease_s < reclaim_idle_s:
@@ -209,8 +248,9 @@ class IngestWorker:
         self._jobs = jobs
         self._storage = storage
         self._indexer = Indexer(
-            parser, chunker, embedder, fulltext, embed_batch=embed_batch, metrics=metrics
-        )
+            parser, chunker, embedder, fulltext, embed_batch=embed_batch, guard=guard,
+            metrics=metrics,
+        )  # fmt: skip
         self.consumer = consumer
         self._lease_s = lease_s
         self._reclaim_idle_ms = round(reclaim_idle_s * 1000)
@@ -288,8 +328,10 @@ class IngestWorker:
             return Outcome.REJECTED
         writing_from = time.perf_counter()
         finished = await self._store.finish(
-            claim, indexed.chunks, indexed.embeddings, search_texts=indexed.search_texts
-        )
+            claim, indexed.chunks, indexed.embeddings, search_texts=indexed.search_texts,
+            guard_categories=indexed.guard_categories,
+            guard_flagged_chunks=indexed.guard_flagged_chunks,
+        )  # fmt: skip
         if self._metrics:
             self._metrics.stage_seconds.labels(stage="write").observe(
                 time.perf_counter() - writing_from
@@ -297,6 +339,14 @@ class IngestWorker:
         await self._jobs.ack(job)
         if finished and self._metrics:
             self._metrics.chunks.inc(len(indexed.chunks))
+        if finished and indexed.guard_flagged_chunks:
+            logger.info(
+                "document %s flagged: %d of %d chunks hit %s",
+                job.document_id,
+                indexed.guard_flagged_chunks,
+                len(indexed.chunks),
+                ",".join(indexed.guard_categories),
+            )
         return Outcome.INDEXED if finished else Outcome.FENCED
 
     async def _with_heartbeat(self, job: Job, claim: Claim) -> IndexedDocument:

@@ -39,7 +39,9 @@ class KnowledgeBase:
 @dataclass(frozen=True)
 class DocumentRecord:
     """A document and its indexing state. `progress` is 0..1; `error` is the Chinese message shown
-    to users, `error_code` a stable machine code (e.g. a RejectReason)."""
+    to users, `error_code` a stable machine code (e.g. a RejectReason). `guard_categories` (sorted)
+    and `guard_flagged_chunks`: the lexicon categories its chunks hit when it was last indexed, and
+    how many chunks hit any (none before it is indexed)."""
 
     id: str
     kb: str  # the knowledge base's name
@@ -59,6 +61,8 @@ class DocumentRecord:
     created_at: datetime
     updated_at: datetime
     indexed_at: datetime | None
+    guard_categories: tuple[str, ...]
+    guard_flagged_chunks: int
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ class Claim:
 DOCUMENT_COLUMNS = (
     "d.id, k.name, d.kb_id, d.filename, d.status, d.error_code, d.error, d.progress,"
     " d.chunk_count, d.attempts, d.size_bytes, d.format, d.storage_key, d.content_hash,"
-    " d.uploaded_by, d.created_at, d.updated_at, d.indexed_at"
+    " d.uploaded_by, d.created_at, d.updated_at, d.indexed_at, d.guard_categories,"
+    " d.guard_flagged_chunks"
 )
 
 
@@ -101,6 +106,8 @@ def document_from_row(row: tuple[Any, ...]) -> DocumentRecord:
         created_at=row[15],
         updated_at=row[16],
         indexed_at=row[17],
+        guard_categories=tuple(row[18]),
+        guard_flagged_chunks=row[19],
     )
 
 

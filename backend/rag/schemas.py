@@ -52,6 +52,10 @@ class DocumentOut(BaseModel):
     uploaded_by: str
     created_at: datetime
     indexed_at: datetime | None
+    # What the guard found when it was indexed (flagged, still indexed); defaults keep a client
+    # able to read a worker that predates them.
+    guard_categories: list[str] = Field(default_factory=list)
+    guard_flagged_chunks: int = 0
 
     @classmethod
     def of(cls, doc: DocumentRecord) -> DocumentOut:
@@ -60,6 +64,8 @@ class DocumentOut(BaseModel):
             progress=doc.progress, chunk_count=doc.chunk_count, size_bytes=doc.size_bytes or 0,
             format=doc.format, error_code=doc.error_code, error=doc.error,
             uploaded_by=doc.uploaded_by, created_at=doc.created_at, indexed_at=doc.indexed_at,
+            guard_categories=list(doc.guard_categories),
+            guard_flagged_chunks=doc.guard_flagged_chunks,
         )  # fmt: skip
 
 

@@ -35,7 +35,7 @@ from backend.rag.records import DocumentRecord, KnowledgeBase
 from backend.rag.retrieval import Retriever
 from backend.rag.storage import FileStorage, safe_display_name
 from backend.rag.store import KnowledgeStore
-from backend.rag.worker import IngestWorker, build_worker, reconciler_for
+from backend.rag.worker import IngestWorker, build_worker, guard_for, reconciler_for
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +100,11 @@ class RagService:
 
     async def _start_consumers(self) -> None:
         host = f"{socket.gethostname()}-{os.getpid()}"
+        guard = guard_for(self.settings)  # one lexicon (and its reloads) for every consumer
         for n in range(self.settings.rag.consumers):
             worker = await build_worker(
                 self.settings, pool=self.pool, redis=self.redis, consumer=f"{host}-{n}",
-                embedder=self.embedder, metrics=self.metrics,
+                embedder=self.embedder, metrics=self.metrics, guard=guard,
             )  # fmt: skip
             self.workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(self._stop)))

@@ -295,11 +295,14 @@ class KnowledgeStore:
         embeddings: np.ndarray,
         *,
         search_texts: Sequence[str],
+        guard_categories: Sequence[str] = (),
+        guard_flagged_chunks: int = 0,
     ) -> bool:
         async with self._pool.connection() as conn:
             return await claims.finish(
-                conn, self._vectors, held, chunks, embeddings, search_texts=search_texts
-            )
+                conn, self._vectors, held, chunks, embeddings, search_texts=search_texts,
+                guard_categories=guard_categories, guard_flagged_chunks=guard_flagged_chunks,
+            )  # fmt: skip
 
     async def fail(self, target: Claim | str, *, code: str, message: str) -> bool:
         if isinstance(target, str) and parse_uuid(target) is None:

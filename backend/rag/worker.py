@@ -25,7 +25,7 @@ from redis import asyncio as aioredis
 from backend.config import Settings
 from backend.db import migrate, open_pool
 from backend.errors import ConfigError, QwenStackError
-from backend.guard.segment import jieba_segmenter
+from backend.guard import LexiconStore, builtin_lexicon_dir, jieba_segmenter
 from backend.metrics import RagMetrics
 from backend.rag.chunking import Chunker
 from backend.rag.embedding import Embedder, load_embedder
@@ -102,6 +102,19 @@ class Reconciler:
         return requeued
 
 
+def guard_for(settings: Settings) -> LexiconStore:
+    """The guard's lexicon store as `settings.guard` describe it, built as the chat UI builds its
+    own (jieba's cache in the state directory). Loads the lexicon: blocking, call it from a
+    thread. Raises LexiconError, OSError."""
+    jieba_dir = settings.state_dir / "jieba"
+    jieba_dir.mkdir(parents=True, exist_ok=True)
+    return LexiconStore(
+        settings.guard.lexicon_dir or builtin_lexicon_dir(),
+        segmenter=jieba_segmenter(cache_dir=jieba_dir),
+        check_interval_s=settings.guard.reload_interval_s,
+    )
+
+
 def lease_for(settings: Settings) -> float:
     """The document lease: half the reclaim idle time, so a dead consumer's lease has run out
     before its job is reclaimed."""
@@ -115,11 +128,14 @@ async def build_worker(
     redis: aioredis.Redis,
     consumer: str,
     embedder: Embedder | None = None,
+    guard: LexiconStore | None = None,
     metrics: RagMetrics | None = None,
 ) -> IngestWorker:
     """A consumer wired from `settings`. Loads the embedder when none is given (seconds; share
-    one between the consumers of a process) and checks the store was set up for it. Raises
-    EmbeddingMismatch, ModelError, ModelDownloadError, DatabaseUnavailable, RedisUnavailable."""
+    one between the consumers of a process) and checks the store was set up for it; builds the
+    guard's lexicon store from `settings.guard` when none is given (as the chat UI does), which
+    chunks are checked against. Raises EmbeddingMismatch, ModelError, ModelDownloadError,
+    DatabaseUnavailable, RedisUnavailable, LexiconError."""
     rag = settings.rag
     if embedder is None:
         embedder = await asyncio.to_thread(
@@ -131,6 +147,8 @@ async def build_worker(
     await jobs.ensure_group()
     jieba_dir = settings.state_dir / "jieba"
     await asyncio.to_thread(jieba_dir.mkdir, parents=True, exist_ok=True)
+    if guard is None:
+        guard = await asyncio.to_thread(guard_for, settings)
     return IngestWorker(
         store,
         jobs,
@@ -148,6 +166,7 @@ async def build_worker(
         reclaim_idle_s=rag.claim_idle_s,
         max_deliveries=rag.max_deliveries,
         embed_batch=rag.embedding_batch,
+        guard=guard.current,
         metrics=metrics,
     )
 
@@ -201,10 +220,16 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
             engine=settings.engine,
             cache_dir=settings.state_dir / "models",
         )
+        guard = await asyncio.to_thread(guard_for, settings)  # one lexicon for all consumers
         host = f"{socket.gethostname()}-{os.getpid()}"
         workers = [
             await build_worker(
-                settings, pool=pool, redis=redis, consumer=f"{host}-{n}", embedder=embedder
+                settings,
+                pool=pool,
+                redis=redis,
+                consumer=f"{host}-{n}",
+                embedder=embedder,
+                guard=guard,
             )
             for n in range(settings.rag.consumers)
         ]

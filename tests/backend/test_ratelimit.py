@@ -1,10 +1,12 @@
-"""Per-user limits on a real Redis: the token bucket (exact across two OS processes), the
-concurrent-answer cap, the login limiter, and what they tell the user and the metrics."""
+"""Per-user limits on a real Redis: the message bucket (exact across two OS processes), the
+model-token bucket, the concurrent-answer cap, the login limiter, what they tell the user and the
+metrics, and what they do while Redis is down."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from tests.fixtures.engines import free_port
 REPO = Path(__file__).resolve().parents[2]
 LIMITS = RateLimitSettings(
     messages_per_minute=6, message_burst=3, concurrent_answers=2,
+    tokens_per_minute=600, token_burst=1000,  # 10 tokens a second
     login_attempts_per_user=3, login_attempts_per_ip=5, login_window_s=900,
 )  # fmt: skip
 
@@ -207,6 +210,111 @@ async def test_redis_down_raises_unavailable() -> None:
             await limiter(client).take("alice")
     finally:
         await client.aclose()
+
+
+async def test_fresh_token_bucket_is_full(redis_client: aioredis.Redis) -> None:
+    balance = await limiter(redis_client).spend("alice", 0)
+    assert (balance.level, balance.retry_after_s, balance.allowed) == (1000, 0, True)
+
+
+async def test_charge_reduces_the_level(redis_client: aioredis.Redis) -> None:
+    rl = limiter(redis_client)
+    balance = await rl.charge("alice", 300)
+    assert balance is not None and balance.level == 700
+    await rl.check_tokens("alice")  # still above zero
+
+
+async def test_charge_may_go_below_zero(redis_client: aioredis.Redis) -> None:
+    balance = await limiter(redis_client).charge("alice", 1600)
+    assert balance is not None and (balance.level, balance.retry_after_s) == (-600, 60)
+
+
+async def test_overspent_user_is_refused_until_refilled(redis_client: aioredis.Redis) -> None:
+    metrics = Metrics()
+    rl = limiter(redis_client, metrics)
+    await rl.charge("alice", 1600)  # 600 below zero: a minute at 10 tokens a second
+    with pytest.raises(RateLimited) as caught:
+        await rl.check_tokens("alice")
+    assert caught.value.kind == "tokens" and 50 < caught.value.retry_after_s <= 60
+    assert rejected(metrics, "tokens") == 1
+
+
+async def test_token_bucket_refills_on_redis_time(redis_client: aioredis.Redis) -> None:
+    rl = limiter(redis_client)
+    await rl.charge("alice", 1600)
+    key = f"qs:rl:tokens:{_tag('alice')}"
+    ts = float(await redis_client.hget(key, "ts"))
+    await redis_client.hset(key, "ts", f"{ts - 59:.6f}")  # as if 59 s had passed: still -10
+    with pytest.raises(RateLimited):
+        await rl.check_tokens("alice")
+    ts = float(await redis_client.hget(key, "ts"))
+    await redis_client.hset(key, "ts", f"{ts - 2:.6f}")  # two more seconds: +10 above zero
+    await rl.check_tokens("alice")
+
+
+async def test_refill_stops_at_the_burst(redis_client: aioredis.Redis) -> None:
+    rl = limiter(redis_client)
+    await rl.charge("alice", 100)
+    key = f"qs:rl:tokens:{_tag('alice')}"
+    ts = float(await redis_client.hget(key, "ts"))
+    await redis_client.hset(key, "ts", f"{ts - 3600:.6f}")  # an hour idle
+    assert (await rl.spend("alice", 0)).level == 1000
+
+
+async def test_admit_refuses_on_tokens_without_spending_a_message(
+    redis_client: aioredis.Redis,
+) -> None:
+    rl = limiter(redis_client)
+    await rl.charge("alice", 1200)
+    with pytest.raises(RateLimited) as caught:
+        async with rl.admit("alice", request_id="a"):
+            pass
+    assert caught.value.kind == "tokens" and await rl.in_flight("alice") == 0
+    assert [(await rl.take("alice")).allowed for _ in range(4)] == [True, True, True, False]
+
+
+async def test_token_charges_are_per_user(redis_client: aioredis.Redis) -> None:
+    rl = limiter(redis_client)
+    await rl.charge("alice", 1200)
+    await rl.check_tokens("bob")
+
+
+async def test_token_bucket_expires_once_it_would_be_full(redis_client: aioredis.Redis) -> None:
+    await limiter(redis_client).charge("alice", 500)
+    ttl_ms = await redis_client.pttl(f"qs:rl:tokens:{_tag('alice')}")
+    assert 50_000 < ttl_ms <= 51_000  # 500 tokens at 10 a second, plus a second
+
+
+async def test_negative_charge_is_refused(redis_client: aioredis.Redis) -> None:
+    with pytest.raises(ValueError):
+        await limiter(redis_client).charge("alice", -1)
+
+
+def test_token_limits_must_be_positive(redis_client: aioredis.Redis) -> None:
+    with pytest.raises(ValueError):
+        RateLimiter(redis_client, settings=LIMITS.model_copy(update={"tokens_per_minute": 0}))
+
+
+async def test_redis_down_refuses_admission() -> None:
+    """Fail closed: nothing is admitted that could not be counted."""
+    client = aioredis.Redis(port=free_port(), socket_connect_timeout=1)
+    try:
+        with pytest.raises(RedisUnavailable):
+            async with limiter(client).admit("alice", request_id="a"):
+                pass
+    finally:
+        await client.aclose()
+
+
+async def test_redis_down_charge_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """An answer already given is not failed by its charge: the tokens go uncharged, logged."""
+    client = aioredis.Redis(port=free_port(), socket_connect_timeout=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="backend.ratelimit"):
+            assert await limiter(client).charge("alice", 500) is None
+    finally:
+        await client.aclose()
+    assert "500 tokens not charged" in caplog.text
 
 
 def logins(client: aioredis.Redis, metrics: Metrics | None = None) -> LoginLimiter:

@@ -24,18 +24,18 @@ from backend.chat.pipeline import ChatPipeline, PipelineConfig, Turn
 from backend.chat.shaping import Shaper
 from backend.config import RateLimitSettings, ServingSettings
 from backend.db import migrate, open_pool
-from backend.errors import EngineTimeout, EngineUnavailable, RateLimited
+from backend.errors import EngineTimeout, EngineUnavailable, RateLimited, RedisUnavailable
 from backend.guard import LexiconStore
 from backend.guard.segment import jieba_segmenter
 from backend.metrics import Metrics
-from backend.ratelimit import RateLimiter
+from backend.ratelimit import RateLimiter, _tag
 from backend.serving.pool import EnginePool
 from backend.serving.queue import WaitQueue
 from backend.serving.slots import SlotTable
 from backend.serving.status import StatusBoard
 from backend.serving.tokenizer import EstimateTokenizer
 from tests.backend.chat.stack import LLM, SYSTEM, dead_url, text_of
-from tests.fixtures.engines import FakeEngineHandle
+from tests.fixtures.engines import FakeEngineHandle, free_port
 
 LIMITS = RateLimitSettings(messages_per_minute=60, message_burst=5, concurrent_answers=2)
 PROMPT = "我的银行卡密码是 864209，帮我记住"
@@ -71,11 +71,12 @@ async def make(
         urls: list[str], *, capacity: int = 4, budget_s: float = 5.0, max_depth: int = 10,
         guard: LexiconStore | None = None, limits: RateLimitSettings = LIMITS,
         jsonl: Path | None = None, pool: AsyncConnectionPool | None = None,
+        limiter_redis: aioredis.Redis | None = None,
     ) -> Audited:  # fmt: skip
         metrics = Metrics()
         engine_pool = EnginePool(urls, llm=LLM, serving=ServingSettings())
         engines.append(engine_pool)
-        limiter = RateLimiter(redis_client, settings=limits, metrics=metrics)
+        limiter = RateLimiter(limiter_redis or redis_client, settings=limits, metrics=metrics)
         pipeline = ChatPipeline(
             pool=engine_pool,
             slots=SlotTable(redis_client, capacity=capacity, ttl_s=60),
@@ -244,6 +245,61 @@ async def test_concurrency_cap(fake_engine: FakeEngineHandle, make: Make, databa
     assert caught.value.kind == "concurrency"
     assert await stack.limiter.in_flight("alice") == 0
     assert [rec["outcome"] for rec in await records(database)] == ["rate_limited", "stopped"]
+
+
+async def test_token_limit_refuses_after_a_big_charge(
+    fake_engine: FakeEngineHandle, make: Make, database: str
+) -> None:
+    stack = make([fake_engine.base_url])
+    await stack.limiter.charge("alice", LIMITS.token_burst + 1000)
+    with pytest.raises(RateLimited) as caught:
+        await ask(stack.pipeline)
+    assert caught.value.kind == "tokens" and caught.value.retry_after_s > 0
+    assert "文字量" in caught.value.user_message
+    assert [rec["outcome"] for rec in await records(database)] == ["rate_limited"]
+    assert fake_engine.log() == []  # no engine call for the refused message
+    labels = {"kind": "tokens"}
+    assert stack.metrics.registry.get_sample_value("qwen_rate_limited_total", labels) == 1
+
+
+async def test_answer_is_charged_prompt_and_completion_tokens(
+    fake_engine: FakeEngineHandle, make: Make, redis_client: aioredis.Redis, database: str
+) -> None:
+    fake_engine.script([{"text": "你好，我是测试回答。"}])
+    await ask(make([fake_engine.base_url]).pipeline)
+    [rec] = await records(database)
+    level = float(await redis_client.hget(f"qs:rl:tokens:{_tag('alice')}", "tokens"))
+    assert rec["prompt_tokens"] > 0 and rec["completion_tokens"] == 10
+    assert level == LIMITS.token_burst - rec["prompt_tokens"] - rec["completion_tokens"]
+
+
+async def test_stopped_answer_is_charged_what_it_streamed(
+    fake_engine: FakeEngineHandle, make: Make, redis_client: aioredis.Redis, database: str
+) -> None:
+    fake_engine.script([{"text": "一二三四五六七八九十" * 10, "token_delay_s": 0.05}])
+    answer = make([fake_engine.base_url]).pipeline.answer(Turn(thread_id="t", text="长", user="a"))
+    async for event in answer:
+        if isinstance(event, Token):
+            break
+    await answer.aclose()
+    [rec] = await records(database)
+    level = float(await redis_client.hget(f"qs:rl:tokens:{_tag('a')}", "tokens"))
+    assert rec["outcome"] == "stopped" and 0 < rec["completion_tokens"] < 100
+    assert level == LIMITS.token_burst - rec["prompt_tokens"] - rec["completion_tokens"]
+
+
+async def test_redis_down_refuses_before_the_engine(
+    fake_engine: FakeEngineHandle, make: Make, database: str
+) -> None:
+    """The limits fail closed (backend/ratelimit.py): the message is refused, not answered."""
+    down = aioredis.Redis(port=free_port(), socket_connect_timeout=1)
+    try:
+        with pytest.raises(RedisUnavailable):
+            await ask(make([fake_engine.base_url], limiter_redis=down).pipeline)
+    finally:
+        await down.aclose()
+    assert [rec["outcome"] for rec in await records(database)] == ["error"]
+    assert fake_engine.log() == []
 
 
 async def test_place_freed_after_answer(fake_engine: FakeEngineHandle, make: Make) -> None:

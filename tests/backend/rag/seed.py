@@ -1,4 +1,5 @@
-"""Helpers for the knowledge-store tests: a migrated store, principals, indexed documents."""
+"""Helpers for the knowledge-store tests: a migrated store, principals, indexed documents, words
+the built-in guard lexicon blocks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from psycopg import sql
 from backend.auth import Principal, Role
 from backend.db import migrate, open_pool
 from backend.embedded import ensure_database
+from backend.guard import Lexicon, Severity, builtin_lexicon_dir
 from backend.rag.document import Chunk, DocumentFormat
 from backend.rag.records import DocumentRecord, KnowledgeBase
 from backend.rag.store import KnowledgeStore
@@ -26,6 +28,16 @@ OWNER = Principal("olga", Role.KB_ADMIN)  # creates the knowledge bases
 OTHER_KB_ADMIN = Principal("kim", Role.KB_ADMIN)
 GRANTED_USER = Principal("gus", Role.USER)
 STRANGER = Principal("sam", Role.USER)
+
+
+def blocked_words() -> dict[str, str]:
+    """One blocked word per category of the built-in lexicon (category -> word), picked as
+    tests/backend/chat/test_grounding.py picks one: no jieba word-boundary entries."""
+    words: dict[str, str] = {}
+    for e in Lexicon.load(builtin_lexicon_dir()).entries:
+        if e.severity is Severity.BLOCK and not e.whole_word:
+            words.setdefault(e.category, e.word)
+    return words
 
 
 @contextlib.asynccontextmanager

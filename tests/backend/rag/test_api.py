@@ -22,6 +22,7 @@ from backend.rag.demo import DEMO_KB, demo_files, load_demo
 from backend.rag.document import DocumentStatus
 from backend.rag.service import RagService
 from tests.backend.rag.conftest import TOKEN
+from tests.backend.rag.seed import blocked_words
 from tests.fixtures.documents import document_bytes, make_elf, make_large_text
 
 
@@ -111,6 +112,22 @@ async def test_bad_file_gets_its_clear_error(
 async def test_demo_documents_index(client: RagClient, hr: str) -> None:
     docs = await client.list_documents(hr, user="alice")
     assert len(docs) == len(demo_files()) and all(d.chunk_count > 0 for d in docs)
+
+
+async def test_documents_show_guard_flags(client: RagClient) -> None:
+    await client.create_kb("flags", user="kbadmin")
+    category, word = sorted(blocked_words().items())[0]
+    files = [
+        ("ad.txt", f"群里有人推销{word}，请勿相信。".encode()),
+        ("menu.txt", "食堂周四供应面条。".encode()),
+    ]
+    for r in await client.upload("flags", files, user="kbadmin"):
+        assert r.document is not None
+        assert await wait_done(client, r.document.id, user="kbadmin") is DocumentStatus.INDEXED
+    docs = {d.filename: d for d in await client.list_documents("flags", user="kbadmin")}
+    flagged, clean = docs["ad.txt"], docs["menu.txt"]
+    assert (flagged.guard_categories, flagged.guard_flagged_chunks) == ([category], 1)
+    assert (clean.guard_categories, clean.guard_flagged_chunks) == ([], 0)
 
 
 async def test_reupload_is_a_duplicate(client: RagClient, hr: str) -> None:

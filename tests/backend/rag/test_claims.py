@@ -115,6 +115,51 @@ async def test_finish_writes_chunks_and_status(store: KnowledgeStore, kb: Knowle
     assert record.indexed_at is not None
 
 
+async def test_finish_records_guard_flags(store: KnowledgeStore, kb: KnowledgeBase) -> None:
+    record = await add(store, kb, "a.txt")
+    held = await store.claim(record.id, lease_s=60)
+    assert held is not None
+    await store.finish(
+        held, chunks_of(["a", "b", "c"]), _vectors(3), search_texts=list("abc"),
+        guard_categories=["赌博", "违禁品", "赌博"], guard_flagged_chunks=2,
+    )  # fmt: skip
+    after = await store.get_document(record.id, principal=ADMIN)
+    assert (after.guard_categories, after.guard_flagged_chunks) == (("赌博", "违禁品"), 2)
+
+
+async def test_document_starts_unflagged(store: KnowledgeStore, kb: KnowledgeBase) -> None:
+    record = await indexed(store, kb, "a.txt", ["one"])
+    assert (record.guard_categories, record.guard_flagged_chunks) == ((), 0)
+
+
+async def test_reindex_replaces_guard_flags(store: KnowledgeStore, kb: KnowledgeBase) -> None:
+    record = await add(store, kb, "a.txt")
+    held = await store.claim(record.id, lease_s=60)
+    assert held is not None
+    await store.finish(
+        held, chunks_of(["a"]), _vectors(1), search_texts=["a"], guard_categories=["赌博"],
+        guard_flagged_chunks=1,
+    )  # fmt: skip
+    await store.requeue(record.id, principal=OWNER)
+    again = await store.claim(record.id, lease_s=60)
+    assert again is not None and again.document.guard_categories == ("赌博",)  # until finished
+    await store.finish(again, chunks_of(["clean"]), _vectors(1), search_texts=["clean"])
+    after = await store.get_document(record.id, principal=ADMIN)
+    assert (after.guard_categories, after.guard_flagged_chunks) == ((), 0)
+
+
+async def test_finish_rejects_more_flagged_chunks_than_chunks(
+    store: KnowledgeStore, kb: KnowledgeBase
+) -> None:
+    record = await add(store, kb, "a.txt")
+    held = await store.claim(record.id, lease_s=60)
+    assert held is not None
+    with pytest.raises(ValueError, match="flagged"):
+        await store.finish(
+            held, chunks_of(["a"]), _vectors(1), search_texts=["a"], guard_flagged_chunks=2
+        )
+
+
 async def test_finish_with_stale_token_writes_nothing(
     store: KnowledgeStore, kb: KnowledgeBase, db_url: str
 ) -> None:

@@ -10,16 +10,24 @@ import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
 
 from backend.auth import Principal, Role
-from backend.config import DatabaseSettings, RagSettings, RedisSettings, Settings
+from backend.config import DatabaseSettings, GuardSettings, RagSettings, RedisSettings, Settings
 from backend.db import migrate, open_pool
 from backend.errors import ConfigError, DocumentRejected, RejectReason
+from backend.guard import LexiconStore, builtin_lexicon_dir
 from backend.guard.segment import jieba_segmenter
 from backend.metrics import RagMetrics
 from backend.rag.chunking import Chunker
 from backend.rag.document import DocumentStatus, ParsedDocument
 from backend.rag.embedding import FlagEmbedder
 from backend.rag.fulltext import FullText
-from backend.rag.ingest import DEAD_LETTER_CODE, DEAD_LETTER_MESSAGE, IngestWorker, Outcome, Parser
+from backend.rag.ingest import (
+    DEAD_LETTER_CODE,
+    DEAD_LETTER_MESSAGE,
+    IngestWorker,
+    MatcherProvider,
+    Outcome,
+    Parser,
+)
 from backend.rag.jobs import JobQueue
 from backend.rag.parsing import detect_format
 from backend.rag.records import Claim, DocumentRecord, KnowledgeBase
@@ -27,6 +35,7 @@ from backend.rag.sandbox import ParseLimits, SandboxParser
 from backend.rag.storage import FileStorage, safe_display_name
 from backend.rag.store import KnowledgeStore
 from backend.rag.worker import Reconciler, build_worker
+from tests.backend.rag.seed import blocked_words
 from tests.fixtures.documents import (
     make_docx,
     make_encrypted_pdf,
@@ -62,12 +71,13 @@ class Stack:
         store: KnowledgeStore | None = None,
         max_deliveries: int = 2,
         metrics: RagMetrics | None = None,
+        guard: MatcherProvider | None = None,
     ) -> IngestWorker:
         return IngestWorker(
             store or self.store, self.jobs, self.storage, parser or self.parser, self.chunker,
             self.embedder, self.fulltext, consumer=consumer, lease_s=LEASE_S,
             reclaim_idle_s=RECLAIM_IDLE_S, max_deliveries=max_deliveries, embed_batch=4,
-            metrics=metrics,
+            guard=guard, metrics=metrics,
         )  # fmt: skip
 
     async def upload(self, name: str, data: bytes, *, enqueue: bool = True) -> DocumentRecord:
@@ -156,6 +166,12 @@ MIXED = {
 }
 
 
+@pytest.fixture(scope="module")
+def lexicon(tmp_path_factory: pytest.TempPathFactory) -> LexiconStore:
+    cache = tmp_path_factory.mktemp("guard-jieba")
+    return LexiconStore(builtin_lexicon_dir(), segmenter=jieba_segmenter(cache_dir=cache))
+
+
 async def _assert_indexed_once(stack: Stack, record: DocumentRecord) -> None:
     assert record.status is DocumentStatus.INDEXED, (record.filename, record.error_code)
     assert record.chunk_count > 0
@@ -171,6 +187,34 @@ async def test_mixed_formats_are_indexed(stack: Stack) -> None:
         assert record.attempts == 1
     assert (await stack.jobs.pending(), await stack.jobs.lag()) == (0, 0)
     assert await stack.jobs.dead_letters(10) == []
+
+
+async def test_document_with_blocked_words_is_indexed_and_flagged(
+    stack: Stack, lexicon: LexiconStore
+) -> None:
+    (first, word), (second, other) = sorted(blocked_words().items())[:2]
+    clean = "这是一段普通的中文文本，用于测试内容检查。" * 8 + "\n\n"
+    text = clean * 4 + f"附录：有人在群里推销{word}。\n\n另有人提到{other}。\n"
+    record = await stack.upload("flagged.txt", text.encode())
+    records = await stack.settle([record.id], stack.worker(guard=lexicon.current))
+    done = records[record.id]
+    await _assert_indexed_once(stack, done)
+    assert done.guard_categories == (first, second)
+    async with stack.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM rag_chunks WHERE document_id = %s"
+            " AND (strpos(text, %s) > 0 OR strpos(text, %s) > 0)",
+            (record.id, word, other),
+        )
+        row = await cur.fetchone()
+    assert row is not None and 1 <= done.guard_flagged_chunks == row[0] < done.chunk_count
+
+
+async def test_clean_document_is_not_flagged(stack: Stack, lexicon: LexiconStore) -> None:
+    record = await stack.upload("notes.txt", make_txt())
+    done = (await stack.settle([record.id], stack.worker(guard=lexicon.current)))[record.id]
+    await _assert_indexed_once(stack, done)
+    assert (done.guard_categories, done.guard_flagged_chunks) == ((), 0)
 
 
 async def test_rejected_file_fails_with_its_code(stack: Stack) -> None:
@@ -413,3 +457,32 @@ async def test_build_worker_from_settings(
     record = await stack.upload("report.pdf", make_pdf())
     records = await stack.settle([record.id], worker)
     await _assert_indexed_once(stack, records[record.id])
+
+
+async def test_built_worker_flags_with_the_settings_lexicon(
+    stack: Stack,
+    pool: AsyncConnectionPool,
+    redis_client: aioredis.Redis,
+    rag_settings: RagSettings,
+    embedder: FlagEmbedder,
+    tmp_path: Path,
+    database: str,
+    redis_url: str,
+) -> None:
+    lexicons = tmp_path / "lexicons"
+    lexicons.mkdir()
+    (lexicons / "site.tsv").write_text("青龙计划\t机密\tflag\n", encoding="utf-8")
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        database=DatabaseSettings(url=database),
+        redis=RedisSettings(url=redis_url),
+        rag=rag_settings.model_copy(update={"storage_dir": tmp_path / "files"}),
+        guard=GuardSettings(lexicon_dir=lexicons),
+    )
+    worker = await build_worker(
+        settings, pool=pool, redis=redis_client, consumer="built", embedder=embedder
+    )
+    record = await stack.upload("plan.txt", "代号青龙计划的收购在十二月公布。".encode())
+    done = (await stack.settle([record.id], worker))[record.id]
+    await _assert_indexed_once(stack, done)
+    assert (done.guard_categories, done.guard_flagged_chunks) == (("机密",), 1)

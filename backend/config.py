@@ -149,6 +149,9 @@ class GuardSettings(BaseModel):
     stream_batch_chars: int = Field(
         16, description="characters the answer filter gathers before it scans and releases text"
     )
+    stream_max_delay_ms: float = Field(
+        50.0, description="... or milliseconds since its last scan, whichever comes first"
+    )
 
 
 class EmbedderKind(enum.StrEnum):

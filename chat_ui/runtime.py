@@ -146,6 +146,8 @@ class Runtime:
                 engine_processes=tuple(serving.engine_processes),
                 top_k=settings.rag.top_k,
                 canary=canary_for(settings.audit.hmac_key.get_secret_value()),
+                stream_batch_chars=settings.guard.stream_batch_chars,
+                stream_max_delay_s=settings.guard.stream_max_delay_ms / 1000,
             ),
         )
         users = UserStore(pool)

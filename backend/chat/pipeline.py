@@ -87,6 +87,8 @@ class PipelineConfig:
     engine_processes: tuple[str, ...] = ("engine",)
     top_k: int = 5  # chunks a knowledge-base answer is given at Tier.NORMAL
     canary: str | None = None  # in the system prompt; an answer repeating it is stopped
+    stream_batch_chars: int = 16  # the answer guard scans once this many chars wait ...
+    stream_max_delay_s: float = 0.05  # ... or this long after its last scan
 
 
 @dataclass(frozen=True)
@@ -331,7 +333,15 @@ class ChatPipeline:
                 await self._slots.acquire(turn.thread_id, replicas=[started.replica])
                 if self._metrics is not None:
                     self._metrics.failovers.inc()
-            screen = StreamGuard(self._guard.current()) if self._guard is not None else None
+            screen = (
+                StreamGuard(
+                    self._guard.current(),
+                    batch_chars=self._config.stream_batch_chars,
+                    max_delay_s=self._config.stream_max_delay_s,
+                )
+                if self._guard is not None
+                else None
+            )
             citations = CitationFilter(count=len(sources.hits)) if sources else None
             canary = CanaryFilter(self._config.canary) if self._config.canary else None
             async with (

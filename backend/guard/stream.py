@@ -1,10 +1,14 @@
 """The streaming output filter: a blocked word never reaches the client, however it is split.
 
-`StreamGuard` holds back the last `Matcher.hold_chars` characters of the answer. That is the longest
-original span a block/mask match (or an allow-list entry around one) can have: n letters with at
-most `MAX_GAP` inserted characters between neighbours (`stretch(n)`), plus one character to see
-whether an ASCII word ends there. So when text is released, every match that touches it has been
-seen whole and decided, including whether a benign superstring (微信支付) covers it:
+`StreamGuard` holds back only the tail of the answer that could still become (part of) a match: the
+longest end of the normalised text that begins a block/mask word or an allow-list entry
+(`Matcher.stream_prefixes`), with the inserted characters after it as long as they stay within
+`MAX_GAP`. Everything before that cannot be part of any match still to come, so it is released at
+once; a complete match at the very end is a beginning of itself, so it waits for the next
+character (the ASCII boundary check) or the end of the answer. So when text is released, every
+match that touches it has been seen whole and decided, including whether a benign superstring
+(微信支付) covers it. (At most `Matcher.hold_chars` characters are ever held for a match; the
+track keeps that much history for the checks.)
 
 - a block match stops the stream: its `Release` carries the verdict, no text, and nothing is
   released afterwards (the caller replaces the answer with a notice and audits it);
@@ -16,14 +20,16 @@ Evasions longer than the bound (more than `MAX_GAP` characters between two lette
 matches by definition, in the stream as in `Matcher.check`; both give the same decisions on the
 same text (clause breaks such as `，` and `。` end a match in both). Matching is incremental (the
 Aho-Corasick state carries across deltas), and work is batched: the filter scans once at least
-`batch_chars` new characters have arrived, so the client sees text in steps of that many
-characters, `hold_chars` behind the engine. Cost (bench/guard.py, token-sized deltas): ~0.5 ms
+`batch_chars` new characters have arrived or `max_delay_s` has passed since its last scan, so a
+fast stream costs little and a slow one is released nearly delta by delta, behind the engine only
+by a possible match's beginning. Cost (bench/guard.py, token-sized deltas): ~0.5 ms
 of CPU per 1000 characters at 16, ~2 ms when scanning on every delta.
 """
 
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -53,10 +59,19 @@ class StreamGuard:
     Positions in verdicts are indices in the whole answer as fed (the concatenated deltas).
     """
 
-    def __init__(self, matcher: Matcher, *, batch_chars: int = 16) -> None:
+    def __init__(
+        self, matcher: Matcher, *, batch_chars: int = 16, max_delay_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        """Scans once `batch_chars` new characters wait, or when a delta arrives `max_delay_s`
+        or more after the last scan: a fast stream is scanned in batches (cheap), a slow one
+        (an LLM at tens of tokens a second) at nearly every delta (smooth)."""
         self._matcher = matcher
         self._hold = matcher.hold_chars
         self._batch = max(batch_chars, 1)
+        self._max_delay_s = max_delay_s
+        self._clock = clock
+        self._last_scan = clock()
         self._scanner = _Scanner(matcher)
         self._held = ""  # fed, not yet released; starts at original index self._released
         self._released = 0
@@ -84,7 +99,8 @@ class StreamGuard:
         if self._blocked is not None:
             return Release("", self._blocked)
         self._held += delta
-        if self._released + len(self._held) - self._scanned < self._batch:
+        waiting = self._released + len(self._held) - self._scanned
+        if waiting < self._batch and self._clock() - self._last_scan < self._max_delay_s:
             return _NOTHING
         return self._advance(final=False)
 
@@ -98,11 +114,12 @@ class StreamGuard:
         return self._advance(final=True)
 
     def _advance(self, *, final: bool) -> Release:
+        self._last_scan = self._clock()
         self._scan()
-        decided_to = self._scanned if final else self._scanned - self._hold
+        decided_to = self._scanned if final else self._open_match_start()
         if self._decide(decided_to):
             return Release("", self._blocked)
-        end = self._scanned if final else max(self._released, self._scanned - self._hold)
+        end = max(self._released, decided_to)
         cut = end - self._released
         text = self._held[:cut]
         if self._masks:
@@ -125,6 +142,20 @@ class StreamGuard:
                 self._allows.append(occurrence)
             elif entry.severity in (Severity.BLOCK, Severity.MASK):
                 self._pending.append(occurrence)
+
+    def _open_match_start(self) -> int:
+        """Original index where a match that may still grow could begin: the start of the
+        longest end of the normalised text that begins a word or allow entry, if the inserted
+        characters after it are still within MAX_GAP; else everything scanned."""
+        track, prefixes = self._track, self._matcher.stream_prefixes
+        tail = track.tail(self._matcher.longest_prefix)
+        for k in range(len(tail), 0, -1):
+            if tail[len(tail) - k :] in prefixes:
+                last = track.origin(track.end - 1)
+                if self._scanned - 1 - last <= MAX_GAP:
+                    return track.origin(track.end - k)
+                break
+        return self._scanned
 
     def _decide(self, decided_to: int) -> bool:
         """Decide pending occurrences starting before `decided_to`; True when one blocks."""
@@ -231,6 +262,15 @@ class _StreamTrack:
     @property
     def size(self) -> int:
         return len(self._origins)
+
+    @property
+    def end(self) -> int:
+        """Absolute normalised index just past the last character."""
+        return self.base + len(self._text)
+
+    def tail(self, n: int) -> str:
+        """The last `n` normalised characters (fewer if fewer are kept)."""
+        return self._text[-n:] if n > 0 else ""
 
     def extend(self, text: str, origins: list[int]) -> None:
         self._text += text

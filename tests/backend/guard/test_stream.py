@@ -115,3 +115,29 @@ def test_finish_twice_raises(matcher: Matcher) -> None:
     guard.finish()
     with pytest.raises(RuntimeError):
         guard.finish()
+
+
+def test_clean_text_is_released_without_hold_back(matcher: Matcher) -> None:
+    guard = StreamGuard(matcher, batch_chars=1)
+    released = [guard.feed(ch).text for ch in "今天天气很好"]
+    assert released == list("今天天气很好")  # each character as it comes: nothing could match
+
+
+def test_only_a_possible_beginning_is_held(matcher: Matcher) -> None:
+    guard = StreamGuard(matcher, batch_chars=1)
+    assert guard.feed("说到枪").text == "说到"  # 枪 may begin 枪支: held
+    assert guard.feed("法").text == "枪法"  # 枪法 begins nothing: released
+
+
+def test_inserted_symbols_keep_a_beginning_held(matcher: Matcher) -> None:
+    guard = StreamGuard(matcher, batch_chars=1)
+    assert guard.feed("说到枪" + "-" * MAX_GAP).text == "说到"
+    assert guard.feed("-").text == "枪" + "-" * (MAX_GAP + 1)  # too far apart to be one word
+
+
+def test_a_slow_stream_is_released_by_time(matcher: Matcher) -> None:
+    now = [0.0]
+    guard = StreamGuard(matcher, batch_chars=16, max_delay_s=0.05, clock=lambda: now[0])
+    assert guard.feed("今天").text == ""  # under the batch, and no time has passed: gathered
+    now[0] = 0.06
+    assert guard.feed("天气").text == "今天天气"  # 60 ms since the last scan: scanned, released

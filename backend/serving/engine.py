@@ -40,6 +40,8 @@ from backend.errors import (
 
 logger = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 2048  # concurrent streams one process may open to one replica
+
 _T = TypeVar("_T")
 
 
@@ -132,7 +134,10 @@ class OpenAIEngine:
         self._timeouts = timeouts
         # Reads are unbounded here: the first-token, inter-token and total budgets bound them.
         http_timeout = httpx.Timeout(None, connect=timeouts.connect_s, pool=timeouts.connect_s)
-        self._http = httpx.AsyncClient(timeout=http_timeout, trust_env=False)
+        # httpx's default pool (100 connections) would hold streams 101+ of a process back until
+        # another answer ends, then time them out as a connect failure (bench/overhead.py).
+        limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=100)
+        self._http = httpx.AsyncClient(timeout=http_timeout, trust_env=False, limits=limits)
         self._client = AsyncOpenAI(
             base_url=base_url,
             api_key=api_key,

@@ -11,14 +11,17 @@ IDLE = ReplicaLoad()
     ("depth", "load", "waited", "tier"),
     [
         (0, IDLE, 0.0, Tier.NORMAL),
-        (1, IDLE, 0.0, Tier.REDUCED),
+        (1, IDLE, 0.0, Tier.NORMAL),  # a burst being seated: 1 of 8 waits
+        (2, IDLE, 0.0, Tier.NORMAL),
+        (3, IDLE, 0.0, Tier.REDUCED),  # more than a quarter of the capacity waits
         (8, IDLE, 0.0, Tier.BRIEF),
         (0, ReplicaLoad(waiting=4), 0.0, Tier.REDUCED),
         (0, ReplicaLoad(waiting=16), 0.0, Tier.BRIEF),
         (0, ReplicaLoad(kv_cache_usage=0.75), 0.0, Tier.REDUCED),
         (0, ReplicaLoad(kv_cache_usage=0.95), 0.0, Tier.BRIEF),
         (0, IDLE, 0.6, Tier.REDUCED),
-        (1, IDLE, 0.6, Tier.BRIEF),
+        (1, IDLE, 0.6, Tier.REDUCED),
+        (3, IDLE, 0.6, Tier.BRIEF),
         (8, IDLE, 0.9, Tier.BRIEF),
     ],
 )

@@ -22,11 +22,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Chromium and CJK fonts for the browser tests (Debian packages; never a downloaded browser build).
+# Chromium and CJK fonts for the browser tests (Debian packages; never a downloaded browser build);
+# prometheus for promtool and a real Prometheus in tests/infra (its service is not left running).
 system-deps:
-	@if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi "noto sans cjk"; then \
+	@if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi "noto sans cjk" \
+		|| ! command -v promtool >/dev/null 2>&1; then \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-noto-cjk >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-noto-cjk prometheus >/dev/null; \
+		($(SUDO) service prometheus stop >/dev/null 2>&1 || true); \
 	fi
 
 run: install

@@ -1,0 +1,85 @@
+"""infra/locust/locustfile.py, run headless by the real `locust` against a running chat_ui (the
+scripted fake engine behind it): conversations complete over the websocket, the SLO verdicts are
+computed and decide the exit code, and the chart is a PNG."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backend.auth import Role
+from tests.infra import files, stack
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "locust-test-password-1"
+USERS = {f"load{i}": Role.USER for i in range(3)}
+
+
+@pytest.fixture(scope="module")
+def chat_ui(
+    database_url: str,
+    redis_url: str,
+    fake_engine_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    name, db_url = stack.new_database(database_url, USERS, password=PASSWORD)
+    settings = {
+        "QWEN_DATABASE__URL": db_url, "QWEN_REDIS__URL": stack.redis_db(redis_url, 10),
+        "QWEN_LLM__BASE_URL": fake_engine_url, "QWEN_SERVING__SENTIMENT": "false",
+        "QWEN_SERVING__WARMUP": "false",
+        # three logins carry nine conversations: per-user limits that never refuse
+        "QWEN_RATELIMIT__MESSAGE_BURST": "100", "QWEN_RATELIMIT__MESSAGES_PER_MINUTE": "1000",
+    }  # fmt: skip
+    ui = stack.start_chat_ui(settings, tmp_path_factory.mktemp("locust-ui"))
+    try:
+        yield ui.url
+    finally:
+        ui.stop()
+        stack.drop_database(database_url, name)
+
+
+def run_locust(
+    url: str, out: Path, *slo: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    locust = shutil.which("locust", path=str(Path(sys.executable).parent))
+    assert locust, "locust is a dev dependency (pyproject.toml)"
+    users = out / "users.txt"
+    users.write_text("".join(f"{name}:{PASSWORD}\n" for name in USERS), encoding="utf-8")
+    argv = [
+        locust, "-f", str(files.INFRA / "locust" / "locustfile.py"), "--headless", "--host", url,
+        "-u", "3", "-r", "3", "--conversations", "9", "--run-time", "180s", "--qwen-users", str(users),
+        "--kb-share", "0", "--think-s", "0.01", "--chart", str(out / "chart.png"),
+        "--summary", str(out / "summary.json"), "--only-summary", "--loglevel", "WARNING", *slo,
+    ]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=out)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    return result, summary
+
+
+def test_a_run_reports_slos_and_draws_the_chart(chat_ui: str, tmp_path: Path) -> None:
+    # An unreachable TTFT objective next to two that hold: one verdict of each kind.
+    result, summary = run_locust(
+        chat_ui,
+        tmp_path,
+        "--slo-ttft-p95",
+        "0.000001",
+        "--slo-answer-p95",
+        "120",
+        "--slo-error-ratio",
+        "0",
+    )
+    assert summary["turns"] == 9 * 3 and summary["errors"] == 0, result.stdout + result.stderr
+    slo = summary["slo"]
+    assert slo["ttft_p95_s"]["met"] is False and slo["ttft_p95_s"]["value"] > 0
+    assert slo["answer_p95_s"]["met"] is True and slo["error_ratio"]["met"] is True
+    assert summary["passed"] is False and result.returncode == 1
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == summary
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

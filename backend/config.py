@@ -150,7 +150,7 @@ class GuardSettings(BaseModel):
         16, description="characters the answer filter gathers before it scans and releases text"
     )
     stream_max_delay_ms: float = Field(
-        50.0, description="... or milliseconds since its last scan, whichever comes first"
+        20.0, description="... or milliseconds since its last scan, whichever comes first"
     )
 
 

@@ -88,7 +88,7 @@ class PipelineConfig:
     top_k: int = 5  # chunks a knowledge-base answer is given at Tier.NORMAL
     canary: str | None = None  # in the system prompt; an answer repeating it is stopped
     stream_batch_chars: int = 16  # the answer guard scans once this many chars wait ...
-    stream_max_delay_s: float = 0.05  # ... or this long after its last scan
+    stream_max_delay_s: float = 0.02  # ... or this long after its last scan
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Sticky-session benchmark: time to first token with session slots vs round-robin routing.
 
-    .venv/bin/python bench/sticky.py [--conversations 20] [--turns 6] [--budget-s 900]
+    .venv/bin/python bench/sticky.py [--conversations 20] [--turns 6] [--budget-s 900] [--cache-gib 0]
 
-Two llama.cpp replicas as `qwen-stack` starts them (one thread, --cache-gib RAM prompt cache each),
+Two llama.cpp replicas as `qwen-stack` starts them (one thread, a --cache-gib RAM prompt cache each,
+6 by default: every conversation fits on both replicas; 0 sizes it to the sessions slots pin to one
+replica, an experiment that so far gave no cache hits in either mode -- see bench/README.md),
 random weights of Qwen2.5-0.5B's shape (Q4_K_M). Conversations grow by a unique ~200-token user
 message and the model's real --max-tokens reply per turn, in waves (turn t of all of them in a
 seeded shuffled arrival order, then t+1); each arrival is routed by `slots` (our SlotTable on an
@@ -273,7 +275,10 @@ async def run(args: argparse.Namespace, started: float) -> dict[str, Any]:
     model = prepare_model()
     script = build_script(model, system=LLMSettings().system_prompt, tokens=args.user_tokens,
                           conversations=args.conversations, turns=args.turns)  # fmt: skip
-    cache_bytes, n = int(args.cache_gib * 2**30), args.max_tokens
+    cache_bytes, n = (
+        int(args.cache_gib * 2**30) or 2**30,
+        args.max_tokens,
+    )  # auto: 1 GiB to calibrate
     turns: dict[str, list[Turn]] = {mode: [] for mode in MODES}
     segments: list[dict[str, Any]] = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(900, connect=5), trust_env=False) as client:
@@ -284,6 +289,9 @@ async def run(args: argparse.Namespace, started: float) -> dict[str, Any]:
                 *(calibrate(client, r.base, script, n) for r in replicas)
             )
         count, estimate_s = fit_budget(args, timings, started, pair_s)
+        if args.cache_gib <= 0:  # auto: each replica's cache holds its own pinned sessions
+            cache_bytes = pinned_cache_bytes(args, count)
+            log.info("cache per replica: %.0f MiB (auto)", cache_bytes / 2**20)
         with tempfile.TemporaryDirectory(prefix="sticky-") as tmp:
             embedded = EmbeddedRedis(Path(tmp) / "redis")
             redis = aioredis.from_url(embedded.start())
@@ -320,11 +328,29 @@ async def run(args: argparse.Namespace, started: float) -> dict[str, Any]:
         "scaled_down": count < args.conversations, "estimated_s": round(estimate_s),
         "budget_s": args.budget_s, "turns": args.turns, "user_tokens": args.user_tokens,
         "max_tokens": n, "replicas": 2, "threads_per_replica": 1,
-        "cache_gib_per_replica": args.cache_gib,
+        "cache_gib_per_replica": round(cache_bytes / 2**30, 3),
+        "cache_auto": args.cache_gib <= 0,
         "model": "random weights, Qwen2.5-0.5B-Instruct shape, Q4_K_M",
         "calibration_s": [[round(c, 2), round(w, 2)] for c, w in timings],
         "modes": modes, "segments": segments, "machine": machine_info(),
     }  # fmt: skip
+
+
+KV_BYTES_PER_TOKEN = 24 * 2 * (2 * 64) * 2
+"""Qwen2.5-0.5B's shape: 24 layers × K and V × 2 KV heads of 64 × f16. A lean cached state of a
+586-token prompt measured 6.9 MiB, i.e. this plus a little."""
+
+
+def pinned_cache_bytes(args: argparse.Namespace, count: int) -> int:
+    """A prompt cache for the sessions slots pin to one replica in a segment (half of `count`
+    conversations over 2 replicas), each at its final length, with 30% headroom for the
+    older, shorter states the LRU has not evicted yet. Production caches hold what a replica's
+    own traffic needs, not every conversation of every replica; round-robin sends each replica
+    all of them, twice what fits."""
+    per_segment = math.ceil(count / 2)
+    pinned = math.ceil(per_segment / 2)
+    final_tokens = 60 + args.turns * (args.user_tokens + args.max_tokens + 12)
+    return int(pinned * final_tokens * KV_BYTES_PER_TOKEN * 1.3)
 
 
 def fit_budget(
@@ -378,7 +404,10 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--user-tokens", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--cache-gib", type=float, default=6.0, help="RAM prompt cache per replica")
+    parser.add_argument(
+        "--cache-gib", type=float, default=6.0,
+        help="RAM prompt cache per replica; 0: sized to one replica's pinned sessions (auto)",
+    )  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=900.0, help="scale down past this")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")

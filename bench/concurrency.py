@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/concurrency.py [--tokens 90] [--rate 30] [--ramp-s 1] [--start 4]
                                           [--max-sessions 256] [--rounds 3] [--gap-limit-ms 50]
-                                          [--budget-s 480]
+                                          [--budget-s 540]
 
 One scripted fake engine (backend/devtools/fake_engine.py, its own process) streams every answer as
 --tokens one-character chunks at --rate chunks a second. Session counts step up from --start,
@@ -520,6 +520,7 @@ async def run(args: argparse.Namespace, started: float) -> dict[str, Any]:
         steps: dict[str, list[Step]] = {name: [] for name in SERVERS}
         tried: dict[str, dict[int, bool]] = {name: {} for name in SERVERS}
         budget_hit = False
+        last_s, last_sessions = 0.0, 1  # the previous step: wall time, sessions over all sides
         for index in itertools.count():
             pending = {
                 n: next_count(tried[n], start=args.start, cap=args.max_sessions) for n in SERVERS
@@ -527,16 +528,22 @@ async def run(args: argparse.Namespace, started: float) -> dict[str, Any]:
             active = [n for n in SERVERS if pending[n] is not None]
             if not active:
                 break
-            if time.monotonic() - started > args.budget_s:
+            # A step's time grows with its sessions (opening them, and the streams slowing down).
+            sessions = sum(pending[n] or 0 for n in active)
+            estimate_s = last_s * max(1.0, sessions / last_sessions)
+            if time.monotonic() - started + estimate_s > args.budget_s:
                 budget_hit = True
-                log.warning("time budget spent; stopping with %s still stepping", active)
+                log.warning("the next step (~%.0f s) would pass --budget-s; stopping with %s "
+                            "still stepping", estimate_s, active)  # fmt: skip
                 break
+            step_started = time.monotonic()
             order = active if index % 2 == 0 else active[::-1]
             current = {n: Step(pending[n] or 0) for n in active}
             for r in range(args.rounds):
                 for name in order if r % 2 == 0 else order[::-1]:
                     await measure(clients[name], current[name], answer=answer, rate=args.rate,
                                   ramp_s=args.ramp_s, engine_root=engine_root)  # fmt: skip
+            last_s, last_sessions = time.monotonic() - step_started, sessions
             for name in active:
                 step = current[name]
                 steps[name].append(step)
@@ -587,7 +594,9 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=4, help="first session count")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per step")
     parser.add_argument("--gap-limit-ms", type=float, default=50.0)
-    parser.add_argument("--budget-s", type=float, default=480.0, help="no new step after this")
+    parser.add_argument(
+        "--budget-s", type=float, default=540.0, help="no step that would end later"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     for noisy in ("httpx", "pgserver", "backend.embedded"):

@@ -17,8 +17,8 @@ doubling, for each side (see `next_count`), the sides alternating at every step 
                 python-socketio clients speaking Chainlit's protocol (REST login for the cookie,
                 socket.io at /chat/ws/socket.io, `connection_successful`, `client_message`,
                 `stream_start` and `stream_token` events)
-    ui_batch1   the same UI with QWEN_GUARD__STREAM_BATCH_CHARS=1: the answer guard scans and
-                releases at every delta instead of every 16 characters or 50 ms
+    ui_batch1   the same UI with QWEN_GUARD__STREAM_BATCH_CHARS=1: the answer guard scans at
+                every delta, not when 16 characters wait or 20 ms have passed since its last scan
 
 Each round opens the sessions (16 at a time); once all are open they send, spread evenly over
 --ramp-s (users arriving over a second, not in one instant), and every answer outlasts the ramp by

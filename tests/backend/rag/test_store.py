@@ -98,9 +98,18 @@ async def test_concurrent_ensure_embedding(database: str) -> None:
     try:
         stores = [KnowledgeStore(pool) for pool in pools]
         await asyncio.gather(*(s.ensure_embedding(model="m", dim=4) for s in stores))
+        async with pools[0].connection() as conn:
+            cur = await conn.execute("SELECT key, value FROM rag_meta ORDER BY key")
+            meta = await cur.fetchall()
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'rag_chunks_embedding_hnsw'"
+            )
+            indexes = await cur.fetchone()
     finally:
         for pool in pools:
             await pool.close()
+    assert meta == [("embedding_dim", "4"), ("embedding_model", "m")]
+    assert indexes == (1,)
 
 
 async def test_other_model_raises(database: str) -> None:

@@ -40,7 +40,6 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from typing import Any
 
 import httpx
 from fastapi import WebSocket, WebSocketDisconnect  # the bare route's annotations resolve here
+from overhead import spawn, stop, wait_http  # this folder is on sys.path when run as a script
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -63,7 +63,6 @@ ANSWER_SOURCE = (
     "西湖位于杭州城西，三面环山，一面临城。春天的西湖桃红柳绿，苏堤春晓是西湖十景之首，"
     "湖光山色相映成趣，游人泛舟湖上，可以看到远处的雷峰塔和保俶塔。"
 )
-READY_TIMEOUT_S = 180.0
 CONNECT_PARALLEL = 16  # sessions opening at once (a browser crowd does not arrive in one ms)
 ANSWER_TIMEOUT_S = 120.0
 PAUSE_S = 0.3  # idle before every round, so the previous one's tail work is done
@@ -148,34 +147,7 @@ def bare_server(port: int, engine_url: str) -> None:
 # ---------------------------------------------------------------- processes
 
 
-def spawn(
-    argv: list[str], *, log_name: str, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    with (CACHE / log_name).open("wb") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-async def wait_http(url: str, process: subprocess.Popen[bytes], *, what: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with httpx.AsyncClient(trust_env=False, timeout=2) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{what} exited with {process.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{what} was not ready within {READY_TIMEOUT_S:.0f} s")
+# spawn / stop / wait_http: shared with bench/overhead.py (imported at the top).
 
 
 @contextlib.asynccontextmanager

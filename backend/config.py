@@ -159,6 +159,12 @@ class EmbedderKind(enum.StrEnum):
     FLAG = "flag"  # FlagEmbedding FlagModel: any BERT-style sentence embedder (tests: MiniLM)
 
 
+class EmbeddingPrecision(enum.StrEnum):
+    AUTO = "auto"  # bfloat16 where the CPU multiplies it natively (AVX512-BF16, AMX), else float32
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"  # matrix products in bfloat16 (torch autocast), norms and sums in float32
+
+
 class RagSettings(BaseModel):
     """The knowledge base: RAG worker, ingestion, retrieval (backend/rag/)."""
 
@@ -181,6 +187,10 @@ class RagSettings(BaseModel):
     embedding_pooling: str = Field("cls", description="`cls` or `mean` (flag embedder only)")
     embedding_batch: int = Field(16, description="texts per embedding batch")
     embedding_max_length: int = Field(512, description="tokens per text the embedder reads")
+    embedding_precision: EmbeddingPrecision = Field(
+        EmbeddingPrecision.AUTO,
+        description="`auto` (bfloat16 if the CPU has it natively, else float32), `float32`, `bfloat16`",
+    )
     chunk_tokens: int = Field(400, description="target chunk size in tokens")
     chunk_overlap_tokens: int = Field(60, description="tokens repeated between neighbours")
     max_file_mb: float = Field(20.0, description="largest accepted upload in MB")

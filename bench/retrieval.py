@@ -514,6 +514,10 @@ def main() -> None:
     parser.add_argument("--ingest-chunks-per-doc", type=int, default=40)
     parser.add_argument("--ingest-rounds", type=int, default=3)
     parser.add_argument("--ingest-consumers", type=int, default=2)
+    parser.add_argument(
+        "--ingest-precision", choices=("auto", "float32", "bfloat16"), default="auto",
+        help="our embedder's precision (the plain loop always runs sentence-transformers' float32)",
+    )  # fmt: skip
     parser.add_argument("--sections", default=",".join(name for name, _ in SECTIONS))
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()

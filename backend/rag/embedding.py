@@ -22,7 +22,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, Field, ValidationError
 
-from backend.config import EmbedderKind, EngineSettings, ModelSource, RagSettings
+from backend.config import (
+    EmbedderKind,
+    EmbeddingPrecision,
+    EngineSettings,
+    ModelSource,
+    RagSettings,
+)
 from backend.errors import EmbeddingMismatch, ModelDownloadError, ModelError
 from backend.serving.models import READ_TIMEOUT_S, download_file
 
@@ -60,11 +66,18 @@ class Embedder(Protocol):
 
 
 class FlagEmbedder:
-    """An `Embedder` over FlagEmbedding on the CPU, in float32.
+    """An `Embedder` over FlagEmbedding on the CPU.
 
     `kind` bge-m3 uses BGEM3FlagModel's dense output; `flag` uses FlagModel with `pooling` (`cls` or
     `mean`). Texts longer than `max_length` tokens are truncated; `batch_size` texts go through the
     model at once. No progress bars are drawn.
+
+    `precision` bfloat16 runs the matrix products in bfloat16 under torch's CPU autocast, with the
+    linear layers' weights stored in bfloat16 once (else autocast casts them again in every
+    batch, ~7% of the time); embeddings, norms, softmax and pooling stay float32. Where the CPU
+    multiplies bfloat16 natively (AVX512-BF16, AMX) that embeds ~1.8x faster than float32, and the
+    vectors keep a cosine above 0.9999 with the float32 ones (tests/backend/rag/test_embedding.py). `auto` picks it on such
+    CPUs and float32 elsewhere (emulated bfloat16 would be slower); `precision` says which ran.
 
     Thread-safe: `embed` calls are serialized by a lock (the model and its tokenizer are not safe to
     share between threads), and `count_tokens` uses its own copy of the tokenizer under a second
@@ -84,9 +97,11 @@ class FlagEmbedder:
         pooling: str = "cls",
         batch_size: int = 16,
         max_length: int = 512,
+        precision: EmbeddingPrecision = EmbeddingPrecision.FLOAT32,
         model_name: str | None = None,
     ) -> None:
         self._model_name = model_name or path.name
+        self.precision = resolve_precision(precision)
         self._dim = dim
         self._kind = kind
         self._batch_size = batch_size
@@ -94,8 +109,16 @@ class FlagEmbedder:
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._model, self._tokenizer = _load(path, kind=kind, pooling=pooling)
+        if self.precision is EmbeddingPrecision.BFLOAT16:
+            _linear_weights_to_bfloat16(self._model.model)
         self.embed([_PROBE_TEXT])
-        logger.info("embedder %s loaded (%s, %d dimensions)", self._model_name, kind, dim)
+        logger.info(
+            "embedder %s loaded (%s, %d dimensions, %s)",
+            self._model_name,
+            kind,
+            dim,
+            self.precision,
+        )
 
     @property
     def model_name(self) -> str:
@@ -146,7 +169,10 @@ class FlagEmbedder:
             max_length=self._max_length,
             return_tensors="pt",
         )
-        with torch.inference_mode():
+        autocast = torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=self.precision is EmbeddingPrecision.BFLOAT16
+        )
+        with torch.inference_mode(), autocast:
             if self._kind is EmbedderKind.BGE_M3:
                 dense = flag.model(
                     inputs, return_dense=True, return_sparse=False, return_colbert_vecs=False
@@ -162,6 +188,27 @@ class FlagEmbedder:
         with self._count_lock:
             encoded = self._tokenizer(text, add_special_tokens=False, verbose=False)
         return len(encoded["input_ids"])
+
+
+def _linear_weights_to_bfloat16(model: Any) -> None:
+    """Store the weights of `model`'s linear layers in bfloat16 (autocast then skips the casts)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
+
+
+def resolve_precision(precision: EmbeddingPrecision) -> EmbeddingPrecision:
+    """`precision`, with AUTO resolved for this CPU: BFLOAT16 when it has AVX512-BF16 or AMX
+    instructions (torch's own probes), FLOAT32 otherwise."""
+    if precision is not EmbeddingPrecision.AUTO:
+        return precision
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return EmbeddingPrecision.BFLOAT16 if native else EmbeddingPrecision.FLOAT32
 
 
 def _load(path: Path, *, kind: EmbedderKind, pooling: str) -> tuple[Any, Any]:
@@ -198,6 +245,7 @@ def load_embedder(rag: RagSettings, *, engine: EngineSettings, cache_dir: Path) 
         pooling=rag.embedding_pooling,
         batch_size=rag.embedding_batch,
         max_length=rag.embedding_max_length,
+        precision=rag.embedding_precision,
         model_name=rag.embedding_model,
     )
 

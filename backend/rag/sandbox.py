@@ -1,40 +1,51 @@
-"""Parse untrusted files in a child process with hard limits, so a hostile file costs one child.
+"""Parse untrusted files in forked children with hard limits, so a hostile file costs one child.
 
-`SandboxParser.parse(path)` checks the size, reads the file and pipes its bytes to
-`python -m backend.rag.sandbox` (the child never learns a path, so it cannot be talked into opening
-another file). Before exec the child gets rlimits: CPU seconds (SIGXCPU, then SIGKILL a second
-later), address space, no file writes (FSIZE 0), a few file descriptors, no core dumps; its
-environment holds only PATH and PYTHONPATH, its working directory is "/". The parent also kills it
-after a wall-clock budget and reads at most `memory_mb` MiB of its output.
+`SandboxParser.parse(path)` checks the size, reads the file and hands its bytes to a parser
+zygote (backend/rag/zygote.py): a warm interpreter, started with an environment of PATH and
+PYTHONPATH only and "/" as its working directory, that forks one child per file. The child never
+learns a path (it cannot be talked into opening another file) and runs under rlimits: CPU seconds
+(SIGXCPU, then SIGKILL a second later), address space, no file writes (FSIZE 0), a few file
+descriptors, no core dumps. The zygote kills it after the wall-clock budget or past `memory_mb`
+MiB of output. Forking from the warm zygote takes ~2 ms where starting an interpreter and
+importing the parsers for every file took ~0.12 s of CPU (bench/README.md, ingestion).
 
-Protocol: the child reads at most `max_bytes + 1` bytes of stdin, writes one JSON object to stdout
-and exits 0: either a document (`document_to_json`) or a rejection {"reason": ..., "detail": ...}.
-Anything else (a signal, a non-zero exit, unreadable output) becomes DocumentRejected:
-RESOURCE_LIMIT for kills, timeouts and memory exhaustion, MALFORMED otherwise.
+Each zygote serves one file at a time; the parser keeps the idle ones for the next call and
+starts another when all are busy, so concurrent calls are safe. A zygote that misbehaves (no
+reply within the wall-clock budget plus a margin, a broken pipe, a cancelled call) is killed with
+its whole process group, children included, and replaced on the next call.
 
-`preexec_fn` runs between fork and exec, where other threads' locks may be held; the function here
-only calls `resource.setrlimit` with values computed beforehand (no imports, no logging), which
-keeps clear of them.
+The child writes one JSON object to stdout and exits 0: either a document (`document_to_json`)
+or a rejection {"reason": ..., "detail": ...}. Anything else (a signal, a non-zero exit,
+unreadable output) becomes DocumentRejected: RESOURCE_LIMIT for kills, timeouts and memory
+exhaustion, MALFORMED otherwise.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
-import resource
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from backend.errors import DocumentRejected, RejectReason
 from backend.rag.document import Block, DocumentFormat, ParsedDocument
-from backend.rag.parsing import parse_bytes
+from backend.rag.zygote import (
+    REPLY,
+    REQUEST,
+    TIMED_OUT,
+    TOO_LARGE,
+    document_to_json,
+    rejection_to_json,
+)
 
 if TYPE_CHECKING:
     from backend.config import RagSettings
@@ -42,9 +53,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
-_OPEN_FILES = 32
 _CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
-_STDERR_TAIL = 4096
+_REPLY_MARGIN_S = 5.0  # beyond the child's wall-clock budget, before the zygote counts as hung
+__all__ = ["ParseLimits", "SandboxParser", "document_from_json", "document_to_json"]
+__all__ += ["rejection_to_json"]
 _CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
 _MEMORY_HINTS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc")
 
@@ -73,25 +85,6 @@ class ParseLimits:
     @property
     def timeout_s(self) -> float:
         return self.wall_s if self.wall_s is not None else 3.0 * self.cpu_s + 2.0
-
-
-def document_to_json(document: ParsedDocument) -> bytes:
-    """UTF-8 JSON of a ParsedDocument; `document_from_json` reads it back."""
-    return json.dumps(
-        {
-            "format": str(document.format),
-            "title": document.title,
-            "blocks": [
-                {"text": b.text, "offset": b.offset, "page": b.page, "heading": b.heading}
-                for b in document.blocks
-            ],
-        },
-        ensure_ascii=False,
-    ).encode()
-
-
-def rejection_to_json(error: DocumentRejected) -> bytes:
-    return json.dumps({"reason": str(error.reason), "detail": error.detail[:500]}).encode()
 
 
 def document_from_json(data: bytes | str) -> ParsedDocument:
@@ -124,49 +117,83 @@ def document_from_json(data: bytes | str) -> ParsedDocument:
     return ParsedDocument(format=DocumentFormat(value["format"]), blocks=tuple(blocks), title=title)
 
 
-def _child_limits(limits: ParseLimits) -> Callable[[], None]:
-    """The preexec function: set precomputed rlimits (never above the parent's hard limits)."""
-    wanted = {
-        resource.RLIMIT_CPU: (limits.cpu_s, limits.cpu_s + 1),
-        resource.RLIMIT_AS: (limits.memory_mb * _MIB, limits.memory_mb * _MIB),
-        resource.RLIMIT_FSIZE: (0, 0),
-        resource.RLIMIT_NOFILE: (_OPEN_FILES, _OPEN_FILES),
-        resource.RLIMIT_CORE: (0, 0),
-    }
-    settings: list[tuple[int, tuple[int, int]]] = []
-    for kind, (soft, hard) in wanted.items():
-        ceiling = resource.getrlimit(kind)[1]
-        if ceiling != resource.RLIM_INFINITY:
-            soft, hard = min(soft, ceiling), min(hard, ceiling)
-        settings.append((kind, (soft, hard)))
-
-    def apply() -> None:
-        for kind, pair in settings:
-            resource.setrlimit(kind, pair)
-
-    return apply
-
-
 class SandboxParser:
-    """Parses files in a limited child process, one child per call (safe to call concurrently).
+    """Parses files in limited children forked by parser zygotes (safe to call concurrently).
 
-    `interpreter` is the Python that runs the child (default: this one)."""
+    `interpreter` is the Python that runs the zygotes (default: this one); `child`
+    ("module:function", tests only) replaces what the children run (see backend/rag/zygote.py).
+    `close()` stops the idle zygotes; a zygote also exits when its parent's end of the pipe
+    closes, so one left behind by a crash does not outlive the worker."""
 
-    def __init__(self, limits: ParseLimits, *, interpreter: str | None = None) -> None:
+    def __init__(
+        self, limits: ParseLimits, *, interpreter: str | None = None, child: str | None = None
+    ) -> None:
         self._limits = limits
         self._command = [
             interpreter or sys.executable,
-            *("-B", "-s", "-m", "backend.rag.sandbox"),
+            *("-B", "-s", "-m", "backend.rag.zygote"),
             *("--max-bytes", str(limits.max_bytes), "--max-chars", str(limits.max_chars)),
+            *("--cpu-s", str(limits.cpu_s), "--memory-mb", str(limits.memory_mb)),
+            *("--wall-s", str(limits.timeout_s)),
+            *(("--child", child) if child else ()),
         ]
         self._env = {"PATH": _CHILD_PATH, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        self._idle: list[_Zygote] = []
+        self._lock = threading.Lock()
+        # A parser dropped without close() (or left at exit) still stops its zygotes.
+        self._finalizer = weakref.finalize(self, _kill_all, self._idle, self._lock)
+
+    @property
+    def zygote_pids(self) -> list[int]:
+        """Process ids of the idle zygotes (diagnostics and tests)."""
+        with self._lock:
+            return [zygote.pid for zygote in self._idle]
 
     async def parse(self, path: Path) -> ParsedDocument:
         """The blocks of the file at `path`. Raises DocumentRejected for any bad file (EMPTY and
-        TOO_LARGE before anything is read); OSError if the file cannot be opened or the child not
-        started. Cancelling kills the child."""
+        TOO_LARGE before anything is read); OSError if the file cannot be opened, or no zygote
+        starts or answers (an idle zygote found dead is replaced once). Cancelling kills the
+        child (and its zygote)."""
         data = await asyncio.to_thread(self._read, path)
-        return await self._run(data)
+        for attempt in (1, 2):
+            zygote, reused = await asyncio.to_thread(self._take)
+            try:
+                code, flags, out, err = await asyncio.wait_for(
+                    asyncio.to_thread(zygote.exchange, data),
+                    timeout=self._limits.timeout_s + _REPLY_MARGIN_S,
+                )
+            except (OSError, ValueError) as exc:
+                zygote.kill()
+                if reused and attempt == 1:
+                    logger.warning(
+                        "idle parser zygote %d was gone (%s); starting one", zygote.pid, exc
+                    )
+                    continue
+                raise OSError(f"parser zygote failed: {exc}") from None
+            except BaseException as exc:
+                zygote.kill()
+                if isinstance(exc, TimeoutError):
+                    logger.error("parser zygote %d gave no reply; killed", zygote.pid)
+                    raise DocumentRejected(RejectReason.RESOURCE_LIMIT, "parser hung") from None
+                raise
+            break
+        with self._lock:
+            self._idle.append(zygote)
+        if flags & TIMED_OUT:
+            logger.warning("parser child killed after %.1fs wall clock", self._limits.timeout_s)
+            raise DocumentRejected(RejectReason.RESOURCE_LIMIT, "wall-clock timeout")
+        return _outcome(code, None if flags & TOO_LARGE else out, err)
+
+    def close(self) -> None:
+        """Stop the idle zygotes (a call in progress keeps its own until it returns)."""
+        _kill_all(self._idle, self._lock)
+
+    def _take(self) -> tuple[_Zygote, bool]:
+        """An idle zygote (True) or a new one (False)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        return _Zygote(self._command, self._env), False
 
     def _read(self, path: Path) -> bytes:
         with path.open("rb") as file:
@@ -182,85 +209,53 @@ class SandboxParser:
             raise DocumentRejected(RejectReason.TOO_LARGE, "grew while being read")
         return data
 
-    async def _run(self, data: bytes) -> ParsedDocument:
-        process = await asyncio.create_subprocess_exec(
-            *self._command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._env,
-            cwd="/",
-            preexec_fn=_child_limits(self._limits),
-        )
-        try:
-            out, err = await asyncio.wait_for(
-                _exchange(process, data, out_cap=self._limits.memory_mb * _MIB),
-                timeout=self._limits.timeout_s,
-            )
-        except TimeoutError:
-            logger.warning("parser child killed after %.1fs wall clock", self._limits.timeout_s)
-            raise DocumentRejected(RejectReason.RESOURCE_LIMIT, "wall-clock timeout") from None
-        finally:
-            await _reap(process)
-        return _outcome(process.returncode, out, err)
+
+def _kill_all(zygotes: list[_Zygote], lock: threading.Lock) -> None:
+    with lock:
+        taken = zygotes[:]
+        zygotes.clear()
+    for zygote in taken:
+        zygote.kill()
 
 
-async def _exchange(
-    process: asyncio.subprocess.Process, data: bytes, *, out_cap: int
-) -> tuple[bytes | None, bytes]:
-    """Feed `data` to the child and collect its stdout (None past `out_cap` bytes: the child is
-    killed) and the tail of its stderr, until it exits."""
-    assert process.stdin and process.stdout and process.stderr
+class _Zygote:
+    """One zygote process, in a process group of its own (with its children)."""
 
-    async def feed(stdin: asyncio.StreamWriter) -> None:
-        try:
-            stdin.write(data)
-            await stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the child exited early; its exit status says why
-        finally:
-            stdin.close()
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd="/",
+            start_new_session=True,
+        )  # fmt: skip
+        self.pid = self._process.pid
 
-    async def collect(stream: asyncio.StreamReader) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await stream.read(1 << 16):
-            size += len(chunk)
-            if size <= out_cap:
-                chunks.append(chunk)
-            elif size - len(chunk) <= out_cap:  # just went over: kill, read on to EOF
-                chunks.clear()
-                process.kill()
-        return None if size > out_cap else b"".join(chunks)
+    def exchange(self, data: bytes) -> tuple[int, int, bytes, bytes]:
+        """Send one file, wait for the child's (exit code, flags, stdout, stderr tail).
+        Blocking. Raises OSError or ValueError when the zygote breaks the protocol or dies."""
+        stdin, stdout = self._process.stdin, self._process.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write(REQUEST.pack(len(data)))
+        stdin.write(data)
+        stdin.flush()
+        header = _read_exact(stdout, REPLY.size)
+        code, flags, out_size, err_size = REPLY.unpack(header)
+        return code, flags, _read_exact(stdout, out_size), _read_exact(stdout, err_size)
 
-    async def tail(stream: asyncio.StreamReader) -> bytes:
-        kept = b""
-        while chunk := await stream.read(1 << 16):
-            kept = (kept + chunk)[-_STDERR_TAIL:]
-        return kept
-
-    _, out, err = await asyncio.gather(
-        feed(process.stdin), collect(process.stdout), tail(process.stderr)
-    )
-    await process.wait()
-    return out, err
+    def kill(self) -> None:
+        """Kill the zygote and its children; reap it."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self._process.wait()
+        for pipe in (self._process.stdin, self._process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
-async def _reap(process: asyncio.subprocess.Process) -> None:
-    """Kill the child if it still runs, wait for it, and read its pipes to EOF so their transports
-    close (a grandchild holding them open gets 1 s)."""
-    if process.returncode is None:
-        process.kill()
-    await process.wait()
-    for stream in (process.stdout, process.stderr):
-        if stream is None:
-            continue
-        try:
-            async with asyncio.timeout(1.0):
-                while await stream.read(1 << 16):
-                    pass
-        except TimeoutError:
-            logger.warning("parser child's pipe still open after it exited")
+def _read_exact(stream: IO[bytes], size: int) -> bytes:
+    data = stream.read(size)  # a buffered reader returns short only at end of file
+    if len(data) != size:
+        raise ValueError("the parser zygote exited mid-reply")
+    return data
 
 
 def _outcome(returncode: int | None, out: bytes | None, err: bytes) -> ParsedDocument:
@@ -285,34 +280,3 @@ def _outcome(returncode: int | None, out: bytes | None, err: bytes) -> ParsedDoc
     if any(hint in err for hint in _MEMORY_HINTS):
         raise DocumentRejected(RejectReason.RESOURCE_LIMIT, "parser out of memory")
     raise DocumentRejected(RejectReason.MALFORMED, f"parser exited with {returncode}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The child: parse stdin, write one JSON reply to stdout, exit 0 (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m backend.rag.sandbox")
-    parser.add_argument("--max-bytes", type=int, required=True)
-    parser.add_argument("--max-chars", type=int, required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)  # pypdf logs a warning for every oddity it meets
-    out_of_memory = rejection_to_json(DocumentRejected(RejectReason.RESOURCE_LIMIT, "MemoryError"))
-    try:
-        data = sys.stdin.buffer.read(args.max_bytes + 1)
-        if len(data) > args.max_bytes:
-            raise DocumentRejected(RejectReason.TOO_LARGE, "stdin over max_bytes")
-        reply = document_to_json(parse_bytes(data, max_chars=args.max_chars))
-    except DocumentRejected as exc:
-        reply = rejection_to_json(exc)
-    except MemoryError:
-        reply = out_of_memory
-    except RecursionError:
-        reply = rejection_to_json(DocumentRejected(RejectReason.MALFORMED, "nesting too deep"))
-    except Exception as exc:  # a parser bug on a strange file: refuse the file, say which bug
-        logging.getLogger(__name__).exception("parser failed")
-        reply = rejection_to_json(DocumentRejected(RejectReason.MALFORMED, type(exc).__name__))
-    sys.stdout.buffer.write(reply)
-    sys.stdout.buffer.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

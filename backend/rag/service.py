@@ -29,6 +29,7 @@ from backend.metrics import RagMetrics
 from backend.rag.document import Hit
 from backend.rag.embedding import Embedder, load_embedder
 from backend.rag.fulltext import FullText
+from backend.rag.ingest import cpu_lane
 from backend.rag.jobs import JobQueue
 from backend.rag.parsing import detect_format
 from backend.rag.records import DocumentRecord, KnowledgeBase
@@ -101,10 +102,11 @@ class RagService:
     async def _start_consumers(self) -> None:
         host = f"{socket.gethostname()}-{os.getpid()}"
         guard = guard_for(self.settings)  # one lexicon (and its reloads) for every consumer
+        lane = cpu_lane()
         for n in range(self.settings.rag.consumers):
             worker = await build_worker(
                 self.settings, pool=self.pool, redis=self.redis, consumer=f"{host}-{n}",
-                embedder=self.embedder, metrics=self.metrics, guard=guard,
+                embedder=self.embedder, metrics=self.metrics, guard=guard, lane=lane,
             )  # fmt: skip
             self.workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(self._stop)))

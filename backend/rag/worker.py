@@ -30,7 +30,7 @@ from backend.metrics import RagMetrics
 from backend.rag.chunking import Chunker
 from backend.rag.embedding import Embedder, load_embedder
 from backend.rag.fulltext import FullText
-from backend.rag.ingest import IngestWorker, Outcome
+from backend.rag.ingest import IngestWorker, Outcome, cpu_lane
 from backend.rag.jobs import JobQueue
 from backend.rag.sandbox import ParseLimits, SandboxParser
 from backend.rag.storage import FileStorage
@@ -130,11 +130,13 @@ async def build_worker(
     embedder: Embedder | None = None,
     guard: LexiconStore | None = None,
     metrics: RagMetrics | None = None,
+    lane: asyncio.Lock | None = None,
 ) -> IngestWorker:
     """A consumer wired from `settings`. Loads the embedder when none is given (seconds; share
     one between the consumers of a process) and checks the store was set up for it; builds the
     guard's lexicon store from `settings.guard` when none is given (as the chat UI does), which
-    chunks are checked against. Raises EmbeddingMismatch, ModelError, ModelDownloadError,
+    chunks are checked against. Consumers of one process share one `lane` (`cpu_lane`). Raises
+    EmbeddingMismatch, ModelError, ModelDownloadError,
     DatabaseUnavailable, RedisUnavailable, LexiconError."""
     rag = settings.rag
     if embedder is None:
@@ -168,6 +170,7 @@ async def build_worker(
         embed_batch=rag.embedding_batch,
         guard=guard.current,
         metrics=metrics,
+        lane=lane,
     )
 
 
@@ -222,6 +225,7 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
         )
         guard = await asyncio.to_thread(guard_for, settings)  # one lexicon for all consumers
         host = f"{socket.gethostname()}-{os.getpid()}"
+        lane = cpu_lane()
         workers = [
             await build_worker(
                 settings,
@@ -230,6 +234,7 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
                 consumer=f"{host}-{n}",
                 embedder=embedder,
                 guard=guard,
+                lane=lane,
             )
             for n in range(settings.rag.consumers)
         ]

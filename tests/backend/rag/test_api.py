@@ -272,7 +272,7 @@ async def test_openapi_lists_the_routes(service: RagService) -> None:
 async def test_metrics_count_uploads(service: RagService, hr: str) -> None:
     text = service.metrics.render().decode()
     assert 'qwen_rag_uploads_total{outcome="queued"}' in text
-    for stage in ("parse", "chunk", "embed", "write"):
+    for stage in ("parse", "chunk", "embed", "segment", "write"):
         assert f'qwen_rag_ingest_stage_seconds_count{{stage="{stage}"}}' in text
     assert "qwen_rag_chunks_indexed_total" in text
 

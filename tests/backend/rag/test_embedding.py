@@ -14,9 +14,20 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from backend.config import EmbedderKind, EngineSettings, ModelSource, RagSettings
+from backend.config import (
+    EmbedderKind,
+    EmbeddingPrecision,
+    EngineSettings,
+    ModelSource,
+    RagSettings,
+)
 from backend.errors import EmbeddingMismatch, ModelDownloadError, ModelError
-from backend.rag.embedding import FlagEmbedder, load_embedder, resolve_embedding_model
+from backend.rag.embedding import (
+    FlagEmbedder,
+    load_embedder,
+    resolve_embedding_model,
+    resolve_precision,
+)
 
 REPO = "sentence-transformers/all-MiniLM-L6-v2"
 PASSWORD_QUESTION = "How do I reset my password?"
@@ -138,14 +149,65 @@ async def test_concurrent_calls_from_threads(embedder: FlagEmbedder) -> None:
     assert set(results[4:]) == {embedder.count_tokens(VACATION_PASSAGE)}
 
 
-def test_vectors_equal_flag_embeddings_encode(embedder: FlagEmbedder, minilm_path: Path) -> None:
+@pytest.fixture(scope="module")
+def float32_embedder(minilm_path: Path) -> FlagEmbedder:
+    return FlagEmbedder(
+        minilm_path, kind=EmbedderKind.FLAG, dim=384, pooling="mean", max_length=256,
+        precision=EmbeddingPrecision.FLOAT32,
+    )  # fmt: skip
+
+
+def test_vectors_equal_flag_embeddings_encode(
+    float32_embedder: FlagEmbedder, minilm_path: Path
+) -> None:
     from FlagEmbedding import FlagModel
 
     texts = [PASSWORD_QUESTION, PASSWORD_PASSAGE, VACATION_PASSAGE, "short"]
     reference = FlagModel(
         str(minilm_path), pooling_method="mean", use_fp16=False, devices="cpu"
     ).encode(texts, batch_size=64, max_length=256)
-    np.testing.assert_allclose(embedder.embed(texts), reference, atol=1e-5)
+    assert float32_embedder.precision is EmbeddingPrecision.FLOAT32
+    np.testing.assert_allclose(float32_embedder.embed(texts), reference, atol=1e-5)
+
+
+def test_bfloat16_vectors_stay_within_a_cosine_of_float32(
+    float32_embedder: FlagEmbedder, minilm_path: Path
+) -> None:
+    bf16 = FlagEmbedder(
+        minilm_path, kind=EmbedderKind.FLAG, dim=384, pooling="mean", max_length=256,
+        precision=EmbeddingPrecision.BFLOAT16,
+    )  # fmt: skip
+    texts = [PASSWORD_QUESTION, PASSWORD_PASSAGE, VACATION_PASSAGE, "short", "知识库 报销 流程"]
+    texts += [f"policy {i}: employees submit receipts within {i} days" for i in range(20)]
+    exact, fast = float32_embedder.embed(texts), bf16.embed(texts)
+    assert bf16.precision is EmbeddingPrecision.BFLOAT16
+    assert fast.dtype == np.float32
+    assert not np.array_equal(exact, fast)  # bfloat16 did run
+    cosines = (exact * fast).sum(axis=1)
+    assert cosines.min() > 0.9999, cosines.min()
+    # the nearest passage stays the nearest
+    question, password, vacation = fast[:3]
+    assert float(question @ password) > float(question @ vacation) + 0.1
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [
+        (True, False, EmbeddingPrecision.BFLOAT16),
+        (False, True, EmbeddingPrecision.BFLOAT16),
+        (False, False, EmbeddingPrecision.FLOAT32),
+    ],
+)
+def test_auto_precision_follows_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: EmbeddingPrecision
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision(EmbeddingPrecision.AUTO) is expected
+    for explicit in (EmbeddingPrecision.FLOAT32, EmbeddingPrecision.BFLOAT16):
+        assert resolve_precision(explicit) is explicit
 
 
 def test_bge_m3_kind_gives_its_dense_vectors(
@@ -153,7 +215,9 @@ def test_bge_m3_kind_gives_its_dense_vectors(
 ) -> None:
     from FlagEmbedding import BGEM3FlagModel
 
-    settings = rag_settings.model_copy(update={"embedder": EmbedderKind.BGE_M3})
+    settings = rag_settings.model_copy(
+        update={"embedder": EmbedderKind.BGE_M3, "embedding_precision": EmbeddingPrecision.FLOAT32}
+    )
     m3 = load_embedder(settings, engine=EngineSettings(), cache_dir=tmp_path)
     texts = ["hello world", PASSWORD_QUESTION, PASSWORD_PASSAGE]
     vectors = m3.embed(texts)

@@ -1,11 +1,16 @@
-"""The parsing sandbox: real child processes, real rlimits, and fake interpreters for odd exits."""
+"""The parsing sandbox: a real zygote forking real children under real rlimits; stand-in child
+functions (tests/fixtures/sandbox_children.py) for the odd ways a child can end."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,27 +35,6 @@ async def rejection(parser: SandboxParser, path: Path) -> RejectReason:
     with pytest.raises(DocumentRejected) as caught:
         await parser.parse(path)
     return caught.value.reason
-
-
-def fake_python(tmp_path: Path, script: str) -> str:
-    """An executable that stands in for the child's interpreter and runs `script` in sh."""
-    path = tmp_path / "fake-python"
-    path.write_text("#!/bin/sh\n" + script + "\n")
-    path.chmod(0o755)
-    return str(path)
-
-
-def children() -> set[int]:
-    """Live (non-zombie) child processes of this test process."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.add(int(stat.parent.name))
-    return found
 
 
 @pytest.mark.parametrize(
@@ -79,14 +63,14 @@ async def test_child_rejections_reach_the_parent(
     assert await rejection(SandboxParser(LIMITS), document_files[name]) is reason
 
 
-async def test_empty_file_is_refused_before_spawning(tmp_path: Path) -> None:
+async def test_empty_file_is_refused_before_starting_a_zygote(tmp_path: Path) -> None:
     path = tmp_path / "empty.pdf"
     path.write_bytes(b"")
     parser = SandboxParser(LIMITS, interpreter=str(tmp_path / "missing-python"))
     assert await rejection(parser, path) is RejectReason.EMPTY
 
 
-async def test_oversized_file_is_refused_before_spawning(tmp_path: Path) -> None:
+async def test_oversized_file_is_refused_before_starting_a_zygote(tmp_path: Path) -> None:
     path = tmp_path / "big.txt"
     path.write_bytes(b"x" * 101)
     limits = ParseLimits(cpu_s=5, memory_mb=256, max_bytes=100, max_chars=1000)
@@ -111,65 +95,161 @@ async def test_memory_limit_stops_the_child(tmp_path: Path) -> None:
     assert await rejection(SandboxParser(limits), path) is RejectReason.RESOURCE_LIMIT
 
 
-async def test_wall_clock_timeout_kills_the_child(tmp_path: Path) -> None:
+def child(name: str) -> str:
+    return f"tests.fixtures.sandbox_children:{name}"
+
+
+def descendants(pid: int) -> set[int]:
+    """Live (non-zombie) processes below `pid`."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_zygote_is_reused_and_forks_a_child_per_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("text")
+    parser = SandboxParser(LIMITS, child=child("report"))
+    try:
+        first = json.loads((await parser.parse(path)).text)
+        [zygote] = parser.zygote_pids
+        second = json.loads((await parser.parse(path)).text)
+        assert parser.zygote_pids == [zygote]
+        assert first["ppid"] == second["ppid"] == zygote
+        assert first["pid"] != second["pid"]
+        assert first["pgid"] == first["pid"]  # a process group of its own
+        assert descendants(zygote) == set()  # each child is gone once its reply is in
+    finally:
+        parser.close()
+    await wait_until(lambda: not descendants(os.getpid()) & {zygote})
+
+
+async def test_concurrent_calls_get_a_zygote_each(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("text")
+    parser = SandboxParser(LIMITS, child=child("report"))
+    try:
+        replies = await asyncio.gather(*(parser.parse(path) for _ in range(3)))
+        parents = {json.loads(reply.text)["ppid"] for reply in replies}
+        assert len(parents) == 3
+        assert set(parser.zygote_pids) == parents
+    finally:
+        parser.close()
+
+
+async def test_dead_idle_zygote_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("之后照常解析。")
+    parser = SandboxParser(LIMITS)
+    try:
+        await parser.parse(path)
+        [zygote] = parser.zygote_pids
+        os.kill(zygote, signal.SIGKILL)
+        assert (await parser.parse(path)).text == "之后照常解析。\n"
+        assert parser.zygote_pids != [zygote]
+    finally:
+        parser.close()
+
+
+async def test_zygote_that_cannot_start_is_an_os_error(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("text")
+    parser = SandboxParser(LIMITS, interpreter=str(tmp_path / "missing-python"))
+    with pytest.raises(OSError):
+        await parser.parse(path)
+
+
+async def test_wall_clock_timeout_kills_the_child_and_what_it_started(tmp_path: Path) -> None:
     path = tmp_path / "a.txt"
     path.write_text("text")
     limits = ParseLimits(cpu_s=5, memory_mb=256, max_bytes=1000, max_chars=1000, wall_s=0.5)
-    parser = SandboxParser(limits, interpreter=fake_python(tmp_path, "exec sleep 30"))
-    before = children()
-    assert await rejection(parser, path) is RejectReason.RESOURCE_LIMIT
-    assert children() <= before
+    parser = SandboxParser(limits, child=child("sleep_with_grandchild"))
+    try:
+        assert await rejection(parser, path) is RejectReason.RESOURCE_LIMIT
+        [zygote] = parser.zygote_pids
+        await wait_until(lambda: descendants(zygote) == set())
+    finally:
+        parser.close()
 
 
 async def test_cancelling_kills_the_child(tmp_path: Path) -> None:
     path = tmp_path / "a.txt"
     path.write_text("text")
-    parser = SandboxParser(LIMITS, interpreter=fake_python(tmp_path, "exec sleep 30"))
-    before = children()
+    parser = SandboxParser(LIMITS, child=child("sleep"))
+    before = descendants(os.getpid())
     task = asyncio.create_task(parser.parse(path))
-    while not children() - before:
-        await asyncio.sleep(0.01)
+    # the zygote and its child
+    await wait_until(lambda: len(descendants(os.getpid()) - before) >= 2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert children() <= before
+    await wait_until(lambda: descendants(os.getpid()) <= before)
 
 
 async def test_child_runs_with_limits_and_a_bare_environment(tmp_path: Path) -> None:
     path = tmp_path / "a.txt"
     path.write_text("text")
-    reply = document_to_json(ParsedDocument(DocumentFormat.TXT, (Block("limited", 0),)))
-    checks = (
-        '[ "$(ulimit -t)" = 7 ] && [ "$(ulimit -f)" = 0 ] && [ "$(ulimit -n)" = 32 ] '
-        '&& [ "$(ulimit -v)" = 131072 ] && [ "$(ulimit -c)" = 0 ] && [ "$(pwd)" = / ] '
-        '&& [ -z "$HOME" ] && [ -n "$PYTHONPATH" ] && [ "$(cat)" = text ] '
-        f"&& printf '%s' '{reply.decode()}'"
-    )
-    limits = ParseLimits(cpu_s=7, memory_mb=128, max_bytes=1000, max_chars=1000)
-    parser = SandboxParser(limits, interpreter=fake_python(tmp_path, checks))
-    assert (await parser.parse(path)).text == "limited\n"
+    limits = ParseLimits(cpu_s=7, memory_mb=128, max_bytes=1000, max_chars=999)
+    parser = SandboxParser(limits, child=child("report"))
+    try:
+        facts = json.loads((await parser.parse(path)).text)
+    finally:
+        parser.close()
+    assert facts["limits"] == {
+        "RLIMIT_CPU": [7, 8], "RLIMIT_AS": [128 << 20, 128 << 20], "RLIMIT_FSIZE": [0, 0],
+        "RLIMIT_NOFILE": [32, 32], "RLIMIT_CORE": [0, 0],
+    }  # fmt: skip
+    assert facts["cwd"] == "/"
+    # PYTHONPATH and PATH only (Python itself may add LC_CTYPE under the C locale)
+    assert {"PATH", "PYTHONPATH"} <= set(facts["env"]) <= {"PATH", "PYTHONPATH", "LC_CTYPE"}
+    assert facts["data"] == "text"
+    assert facts["max_chars"] == 999
 
 
 @pytest.mark.parametrize(
-    ("script", "reason"),
+    ("name", "reason"),
     [
-        ("exit 3", RejectReason.MALFORMED),
-        ("echo 'MemoryError' >&2; exit 1", RejectReason.RESOURCE_LIMIT),
-        ("kill -KILL $$", RejectReason.RESOURCE_LIMIT),
-        ("kill -SEGV $$", RejectReason.MALFORMED),
-        ("printf 'not json'", RejectReason.MALFORMED),
-        ('printf \'{"reason": "nope"}\'', RejectReason.MALFORMED),
-        ('printf \'{"reason": "encrypted", "detail": "x"}\'', RejectReason.ENCRYPTED),
-        ("head -c 70000000 /dev/zero", RejectReason.MALFORMED),
+        ("exit_3", RejectReason.MALFORMED),
+        ("out_of_memory_exit", RejectReason.RESOURCE_LIMIT),
+        ("sigkill", RejectReason.RESOURCE_LIMIT),
+        ("segv", RejectReason.MALFORMED),
+        ("raises", RejectReason.MALFORMED),
+        ("garbage", RejectReason.MALFORMED),
+        ("bad_reason", RejectReason.MALFORMED),
+        ("reason", RejectReason.ENCRYPTED),
+        ("flood", RejectReason.MALFORMED),
     ],
-    ids=["exit", "oom-exit", "sigkill", "segv", "garbage", "bad-reason", "reason", "flood"],
 )
-async def test_child_outcomes(tmp_path: Path, script: str, reason: RejectReason) -> None:
+async def test_child_outcomes(tmp_path: Path, name: str, reason: RejectReason) -> None:
     path = tmp_path / "a.txt"
     path.write_text("text")
-    limits = ParseLimits(cpu_s=5, memory_mb=64, max_bytes=1000, max_chars=1000)
-    parser = SandboxParser(limits, interpreter=fake_python(tmp_path, script))
-    assert await rejection(parser, path) is reason
+    limits = ParseLimits(cpu_s=5, memory_mb=100, max_bytes=1000, max_chars=1000)
+    parser = SandboxParser(limits, child=child(name))
+    try:
+        assert await rejection(parser, path) is reason
+        # the zygote survives every way a child can end, and parses the next file
+        [zygote] = parser.zygote_pids
+        assert descendants(zygote) == set()
+    finally:
+        parser.close()
 
 
 def test_child_imports_stay_light() -> None:

@@ -144,17 +144,20 @@ async def stack(
     chunker: Chunker,
     embedder: FlagEmbedder,
     fulltext: FullText,
-) -> Stack:
+) -> AsyncIterator[Stack]:
     store = KnowledgeStore(pool)
     await store.ensure_embedding(model=embedder.model_name, dim=embedder.dim)
     jobs = JobQueue(redis_client)
     await jobs.ensure_group()
     kb = await store.create_kb("手册", principal=ADMIN)
-    return Stack(
-        pool=pool, store=store, jobs=jobs, storage=FileStorage(tmp_path / "files"), kb=kb,
-        parser=SandboxParser(ParseLimits.from_settings(rag_settings)), chunker=chunker,
-        embedder=embedder, fulltext=fulltext,
-    )  # fmt: skip
+    parser = SandboxParser(ParseLimits.from_settings(rag_settings))
+    try:
+        yield Stack(
+            pool=pool, store=store, jobs=jobs, storage=FileStorage(tmp_path / "files"), kb=kb,
+            parser=parser, chunker=chunker, embedder=embedder, fulltext=fulltext,
+        )  # fmt: skip
+    finally:
+        parser.close()
 
 
 MIXED = {
@@ -302,6 +305,9 @@ class _RequeueingParser:
         await self._stack.jobs.enqueue(self._document_id)
         return await self._stack.parser.parse(path)
 
+    def close(self) -> None:
+        pass  # the stack's parser is closed by the fixture
+
 
 async def test_lost_lease_discards_work(stack: Stack) -> None:
     record = await stack.upload("notes.txt", make_txt())
@@ -338,6 +344,9 @@ class _SlowParser:
         self.started.set()
         await self.release.wait()
         return await self._parser.parse(path)
+
+    def close(self) -> None:
+        self._parser.close()
 
 
 async def test_heartbeat_keeps_a_slow_job(stack: Stack) -> None:
@@ -385,6 +394,9 @@ class _AfterRenewStarts:
     async def parse(self, path: Path) -> ParsedDocument:
         await self._store.entered.wait()
         return await self._parser.parse(path)
+
+    def close(self) -> None:
+        self._parser.close()
 
 
 async def test_stuck_heartbeat_does_not_hold_up_the_job(stack: Stack) -> None:

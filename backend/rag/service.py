@@ -108,6 +108,7 @@ class RagService:
                 self.settings, pool=self.pool, redis=self.redis, consumer=f"{host}-{n}",
                 embedder=self.embedder, metrics=self.metrics, guard=guard, lane=lane,
             )  # fmt: skip
+            await worker.warm_up()
             self.workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(self._stop)))
         reconciler = reconciler_for(self.settings, self.store, self.jobs, metrics=self.metrics)

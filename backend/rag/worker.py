@@ -238,6 +238,8 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
             )
             for n in range(settings.rag.consumers)
         ]
+        for worker in workers:
+            await worker.warm_up()
         reconciler = reconciler_for(settings, KnowledgeStore(pool), JobQueue(redis))
         tasks = [asyncio.create_task(worker.run(stop)) for worker in workers]
         tasks.append(asyncio.create_task(reconciler.run(stop)))

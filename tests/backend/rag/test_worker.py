@@ -498,3 +498,29 @@ async def test_built_worker_flags_with_the_settings_lexicon(
     done = (await stack.settle([record.id], worker))[record.id]
     await _assert_indexed_once(stack, done)
     assert (done.guard_categories, done.guard_flagged_chunks) == (("机密",), 1)
+
+
+async def test_warm_up_starts_a_zygote_and_leaves_nothing_behind(
+    stack: Stack, lexicon: LexiconStore
+) -> None:
+    worker = stack.worker("w", guard=lexicon.current)
+    assert stack.parser.zygote_pids == []
+    await worker.warm_up()
+    [zygote] = stack.parser.zygote_pids
+    # the zygote is reused by the first document: no second interpreter starts
+    record = await stack.upload("notes.txt", make_txt())
+    job = await stack.jobs.next("w", block_ms=100, reclaim_idle_ms=60_000)
+    assert job is not None and await worker.process(job) is Outcome.INDEXED
+    assert stack.parser.zygote_pids == [zygote]
+    assert (await stack.store.get_document(record.id, principal=ADMIN)).chunk_count > 0
+
+
+async def test_failed_warm_up_is_logged_not_raised(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = SandboxParser(
+        ParseLimits(cpu_s=5, memory_mb=256, max_bytes=1000, max_chars=1000),
+        interpreter=str(tmp_path / "missing-python"),
+    )
+    await stack.worker("w", parser=broken).warm_up()
+    assert "warm-up failed" in caplog.text

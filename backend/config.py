@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.auth import Role
+from backend.chat.markdown_syntax import link_host
 
 # Dev-mode defaults, refused in production mode.
 DEV_AUTH_SECRET = "dev-only-chainlit-auth-secret-change-me-0123456789"  # noqa: S105
@@ -152,6 +153,16 @@ class GuardSettings(BaseModel):
     stream_max_delay_ms: float = Field(
         20.0, description="... or milliseconds since its last scan, whichever comes first"
     )
+    link_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts answers may link to (JSON list; `.example.com`: it and its subdomains); "
+        "other links become text",
+    )
+
+    @field_validator("link_hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str]) -> list[str]:
+        return [link_host(host) for host in hosts]  # ValueError: not a host name
 
 
 class EmbedderKind(enum.StrEnum):
@@ -267,6 +278,12 @@ class UISettings(BaseModel):
     admin_user: str = Field("admin", description="login created by `qwen-stack up`")
     admin_password: SecretStr = Field(
         SecretStr(DEV_ADMIN_PASSWORD), description="its password (required in production)"
+    )
+    drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM, seconds running answers may take to finish before chat_ui "
+        "stops (new messages are refused meanwhile)",
     )
 
 

@@ -44,11 +44,14 @@ class StackPlan:
     ui_url: str
 
 
+UI_GRACEFUL_SHUTDOWN_S = 15  # uvicorn's wait for open requests, after chat_ui's own drain
+
+
 def ui_command(settings: Settings) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "chat_ui.server:create_app", "--factory",
         "--host", settings.ui.host, "--port", str(settings.ui.port),
-        "--timeout-graceful-shutdown", "15", "--log-level", "warning",
+        "--timeout-graceful-shutdown", str(UI_GRACEFUL_SHUTDOWN_S), "--log-level", "warning",
     ]  # fmt: skip
 
 
@@ -177,7 +180,9 @@ async def run(settings: Settings, *, out: TextIO, engines: int = 1, demo: bool =
         await migrate(urls.database_url)
         await ensure_admin(urls.database_url, settings)
         stack = plan(settings, env=child_env(urls.env()), model=model, engines=engines)
-        supervisor = Supervisor(stack.children, status=StatusBoard(redis))
+        # chat_ui drains for up to drain_s on SIGTERM, then uvicorn takes up to its 15 s
+        grace_s = settings.ui.drain_s + UI_GRACEFUL_SHUTDOWN_S + 5
+        supervisor = Supervisor(stack.children, status=StatusBoard(redis), grace_s=grace_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -7,6 +7,7 @@ uncaught one would leave the user with a silent spinner; users get `user_message
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -36,6 +37,7 @@ from backend.errors import AuthError, QwenStackError, RateLimited
 from backend.serving.engine import Message
 from chat_ui import knowledge, runtime, sso
 from chat_ui.data_layer import PostgresDataLayer
+from chat_ui.drain import DRAINING_NOTICE
 
 logger = logging.getLogger("chat_ui.app")
 
@@ -234,6 +236,9 @@ async def _delete(action: cl.Action) -> None:
 
 @cl.on_chat_start
 async def _start() -> None:
+    if runtime.current().drain.draining:  # shutting down: no new sessions here
+        await cl.ErrorMessage(content=DRAINING_NOTICE, author=SYSTEM_AUTHOR).send()
+        return
     await _send_settings()
     if knowledge.is_kb_chat():
         manage = knowledge.may_manage(cl.user_session.get("user"))
@@ -290,6 +295,11 @@ def messages_of(thread: ThreadDict) -> list[Message]:
 
 @cl.on_message
 async def _message(message: cl.Message) -> None:
+    task = asyncio.current_task()
+    assert task is not None  # Chainlit runs each message in a task of its own
+    if not runtime.current().drain.admit(task):  # shutting down (SIGTERM): retry elsewhere
+        await cl.ErrorMessage(content=DRAINING_NOTICE, author=SYSTEM_AUTHOR).send()
+        return
     turn = Turn(
         thread_id=cl.context.session.thread_id,
         text=message.content,

@@ -37,6 +37,7 @@ from backend.serving.slots import SlotTable
 from backend.serving.status import StatusBoard
 from backend.serving.tokenizer import EngineTokenizer
 from chat_ui.data_layer import PostgresDataLayer
+from chat_ui.drain import Drain
 
 SENTIMENT_TIMEOUT_S = 10.0
 
@@ -75,6 +76,7 @@ class Runtime:
     metrics: Metrics
     rag: RagClient
     logins: LoginLimiter
+    drain: Drain = field(default_factory=Drain)  # answers in flight; refuses new ones on SIGTERM
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -148,6 +150,7 @@ class Runtime:
                 canary=canary_for(settings.audit.hmac_key.get_secret_value()),
                 stream_batch_chars=settings.guard.stream_batch_chars,
                 stream_max_delay_s=settings.guard.stream_max_delay_ms / 1000,
+                link_hosts=tuple(settings.guard.link_hosts),
             ),
         )
         users = UserStore(pool)

@@ -2,7 +2,8 @@
 
 Run with `uvicorn chat_ui.server:create_app --factory` (`qwen-stack ui` does this). Mounted apps'
 lifespans do not run, so everything Chainlit's handlers need is built here and bound to
-`chat_ui.runtime` before the first request.
+`chat_ui.runtime` before the first request. The lifespan also takes SIGTERM/SIGINT over from
+uvicorn so running answers finish before it stops (`chat_ui.drain`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from backend.config import Settings, export_chainlit_env
 from backend.serving.pool import BreakerState
 from chat_ui import runtime as runtime_module
+from chat_ui.drain import ShutdownSignals
 from chat_ui.headers import SecurityHeaders
 from chat_ui.runtime import Runtime
 
@@ -46,10 +48,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = await Runtime.start(settings)
         runtime_module.bind(rt)
+        # uvicorn's handlers are in place by now: ours replace them (chat_ui/drain.py).
+        signals = ShutdownSignals(rt.drain, timeout_s=settings.ui.drain_s)
+        signals.install()
         logger.info("chat_ui ready")
         try:
             yield
         finally:
+            await signals.aclose()
             runtime_module.bind(None)
             await rt.aclose()
 
@@ -76,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
         rt = runtime_module.current()
+        if rt.drain.draining:  # SIGTERM: the load balancer sends new sessions elsewhere
+            return JSONResponse({"status": "draining"}, status_code=503)
         checks: dict[str, str] = {}
         try:
             await rt.redis.ping()

@@ -89,6 +89,7 @@ class PipelineConfig:
     canary: str | None = None  # in the system prompt; an answer repeating it is stopped
     stream_batch_chars: int = 16  # the answer guard scans once this many chars wait ...
     stream_max_delay_s: float = 0.02  # ... or this long after its last scan
+    link_hosts: tuple[str, ...] = ()  # hosts answers may link to (GuardSettings.link_hosts)
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,8 @@ class ChatPipeline:
         parts: list[str] = []
         blocked = False
         started_at = time.monotonic()
-        markdown = MarkdownFilter()  # model output never makes the browser fetch or run anything
+        # model output never makes the browser fetch or run anything, nor link off the allow-list
+        markdown = MarkdownFilter(link_hosts=self._config.link_hosts)
         try:
             started = await self._start(shaped.request, order)
             trail.replica = started.replica

@@ -1,7 +1,7 @@
 """The answer stream's stages between the engine and the UI, each a small async generator:
 
 engine deltas ▸ prepend(first) ▸ filtered(CitationFilter: drop [n] with no source)
-▸ filtered(MarkdownFilter: no images, no javascript: links) ▸ screened (guard hold-back)
+▸ filtered(MarkdownFilter: no images, links to allow-listed hosts only) ▸ screened (guard hold-back)
 """
 
 from __future__ import annotations

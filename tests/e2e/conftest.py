@@ -133,6 +133,9 @@ async def llama_ui(
     _stop_ui(process, database_url, name)
 
 
+ALLOWED_LINK_HOST = "docs.example.com"  # answers of fake_ui may link here, nowhere else
+
+
 @pytest_asyncio.fixture(scope="module")
 async def fake_ui(
     fake_engine_url: str, database_url: str, redis_url: str,
@@ -149,6 +152,7 @@ async def fake_ui(
             # each take one
             "QWEN_SERVING__SENTIMENT": "false",
             "QWEN_SERVING__WARMUP": "false",
+            "QWEN_GUARD__LINK_HOSTS": f'["{ALLOWED_LINK_HOST}"]',
         },
     )  # fmt: skip
     yield ui

@@ -20,7 +20,7 @@ from playwright.async_api import Browser, ConsoleMessage, Page, Request, WebSock
 
 from backend.auth import Role, UserStore
 from backend.db import open_pool
-from tests.e2e.conftest import PASSWORD, USER, RunningUI, login
+from tests.e2e.conftest import ALLOWED_LINK_HOST, PASSWORD, USER, RunningUI, login
 from tests.fixtures.engines import FakeEngineHandle
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -44,6 +44,9 @@ HOSTILE = "\n\n".join(
         "<javascript:window.__pwned=4>",
         "![视频](http://203.0.113.7/v.mp4)",
         "[![徽章](http://203.0.113.7/b.png)](https://example.com)",
+        f"[文档](https://{ALLOWED_LINK_HOST}/guide)",
+        "[钓鱼](https://evil.example.net/login) 与 https://evil.example.net/bare",
+        f"[伪装](https://{ALLOWED_LINK_HOST}\\@evil.example.net/)",
         "回答结束。",
     ]
 )
@@ -107,6 +110,10 @@ async def test_hostile_answer_runs_nothing_and_fetches_nothing(
     assert await answer.locator("img, video, iframe, object, embed").count() == 0
     hrefs = await answer.locator("a").evaluate_all("els => els.map(e => e.getAttribute('href'))")
     assert all(urlsplit(h or "").scheme in ("http", "https", "mailto", "") for h in hrefs), hrefs
+    # links survive only to the allow-listed host (QWEN_GUARD__LINK_HOSTS of fake_ui)
+    web = [h for h in hrefs if urlsplit(h or "").scheme in ("http", "https")]
+    assert web == [f"https://{ALLOWED_LINK_HOST}/guide"], hrefs
+    assert "钓鱼" in text and "evil.example.net/bare" in text  # shown, as text
     assert "<script>window.__pwned=1</script>" in text  # shown, as text
     assert "点我" in text and "徽章" in text
 

@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from backend.config import UISettings
 from tests.infra import files
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|HMAC_KEY|REDISCLI_AUTH")
@@ -219,9 +220,8 @@ def test_stop_grace_outlasts_the_drain() -> None:
     env = filled_env()
     vllm = files.interpolate_all(services()["vllm"], env)
     assert seconds(vllm["stop_grace_period"]) > int(flags(vllm["command"])["--shutdown-timeout"])
-    assert (
-        seconds(services()["chat-ui"]["stop_grace_period"]) > 15
-    )  # uvicorn's drain (qwen-stack ui)
+    # chat_ui's own drain, then uvicorn's graceful shutdown (qwen-stack ui)
+    assert seconds(services()["chat-ui"]["stop_grace_period"]) > UISettings().drain_s + 15
     assert seconds(services()["rag-worker"]["stop_grace_period"]) > 30
 
 

@@ -16,6 +16,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
+from backend.config import UISettings
 from backend.rag.jobs import JobQueue
 from tests.infra import files
 
@@ -196,7 +197,7 @@ def prestop_seconds(container: dict[str, Any]) -> int:
 
 def test_grace_period_covers_prestop_and_drain() -> None:
     drains = {
-        "qwen-chat-ui": 15,
+        "qwen-chat-ui": UISettings().drain_s + 15,  # its own drain, then uvicorn's shutdown
         "qwen-rag-worker": 30,
     }  # uvicorn graceful shutdown (backend/cli.py)
     runtime = files.k8s_object("ServingRuntime", "qwen-vllm")["spec"]["containers"][0]

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from backend.auth import Role
+from backend.chat.pipeline import DEGRADED_TEXT
 from chat_ui.drain import DRAINING_NOTICE
 from tests.fixtures.engines import FakeEngineHandle
 from tests.infra import stack
@@ -78,10 +79,17 @@ def test_sigterm_lets_running_answers_finish(ui: stack.Process, fake_engine_url:
         for session in sessions:
             session.close()
     assert [r.disconnected for r in results] == [False] * SESSIONS, ui.tail()
-    assert [r.text for r in results] == [ANSWER] * SESSIONS
+    assert [without_load_notice(r.text) for r in results] == [ANSWER] * SESSIONS
     assert readiness == {"status": "draining"}
     assert (refused.error, refused.disconnected) == (DRAINING_NOTICE, False)
     assert exit_code == 0, ui.tail()
+
+
+def without_load_notice(text: str) -> str:
+    """`text` without the degradation notice line that may come first: ten streams at once can
+    make the pipeline shorten answers (the scripted engine sends them whole all the same)."""
+    first, _, rest = text.partition("\n")
+    return rest if DEGRADED_TEXT in first else text
 
 
 def wait_for_readiness(url: str, status: int, *, timeout_s: float = 5.0) -> Any:

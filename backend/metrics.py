@@ -1,19 +1,32 @@
 """Every Prometheus metric of qwen-stack, in one place.
 
 One `Metrics` per process, built at start-up on its own registry (no global state), exposed at
-`/metrics`. Labels are small fixed sets (outcome, tier, replica from configuration) -- never a user
-or session id. Latency buckets are sized for LLM answers (tens of ms to a minute).
+`/metrics`. Labels are small fixed sets (outcome, tier, replica from configuration, guard stage,
+lexicon category, capped) -- never a user or session id. Latency buckets are sized for LLM answers
+(tens of ms to a minute).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import enum
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 NAMESPACE = "qwen"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+# Lexicon categories come from the admin's files: past this many, further ones count as "other".
+GUARD_CATEGORY_LIMIT = 32
+OTHER_CATEGORY = "other"
+
+
+class GuardStage(enum.StrEnum):
+    """Where the pipeline checks text with the guard (the audit record's verdict stages)."""
+
+    INPUT = "input"  # the user's message
+    RETRIEVAL = "retrieval"  # each retrieved chunk
+    OUTPUT = "output"  # the streamed answer (and the system-prompt canary)
 
 
 class Metrics:
@@ -59,6 +72,24 @@ class Metrics:
             "prompt_tokens", "Prompt tokens sent to the engines.", namespace=NAMESPACE,
             registry=r,
         )  # fmt: skip
+        self.completion_tokens = Counter(
+            "completion_tokens", "Answer tokens the engines generated, stopped answers included.",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.slots_in_use = Gauge(
+            "slots_in_use", "Live session leases per replica (the shared table in Redis, read "
+            "at scrape: every chat_ui reports the same value).", ["replica"],
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.slots_capacity = Gauge(
+            "slots_capacity", "Session slots per replica; 0 while this chat_ui finds it unhealthy.",
+            ["replica"], namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.guard_hits = Counter(
+            "guard_hits", "Guarded texts with a lexicon hit, by stage, category and severity "
+            "(each category and severity once per text).", ["stage", "category", "severity"],
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
         self.citations_removed = Counter(
             "citations_removed", "Citations [n] to no retrieved chunk, removed from answers.",
             namespace=NAMESPACE, registry=r,
@@ -75,11 +106,41 @@ class Metrics:
             "answer_sanitized", "Answer Markdown rewritten so it cannot fetch or run, by kind.",
             ["kind"], namespace=NAMESPACE, registry=r,
         )  # fmt: skip
+        self._guard_categories: set[str] = set()  # labelled so far, up to GUARD_CATEGORY_LIMIT
 
     def count_sanitized(self, removed: Iterable[tuple[str, int]]) -> None:
         """Add one answer's Markdown rewrites: (kind, count) pairs (`MarkdownFilter.removed`)."""
         for kind, count in removed:
             self.answer_sanitized.labels(kind).inc(count)
+
+    def set_slots(self, in_use: Mapping[str, int] | None, *, capacity: Mapping[str, int]) -> None:
+        """Set the slot gauges from one read of the slot table: `in_use` live leases per replica
+        (None: the table could not be read, and the gauge is emptied rather than left stale),
+        `capacity` the slots each replica offers now."""
+        self.slots_in_use.clear()
+        for replica, count in (in_use or {}).items():
+            self.slots_in_use.labels(replica).set(count)
+        self.slots_capacity.clear()
+        for replica, slots in capacity.items():
+            self.slots_capacity.labels(replica).set(slots)
+
+    def expect_guard_hits(self, stage: GuardStage, pairs: Iterable[tuple[str, str]]) -> None:
+        """Create the (category, severity) series of `stage` at zero, so that `rate()` sees the
+        first hit of each (a counter that appears at 1 has no increase)."""
+        for category, severity in sorted(set(pairs)):
+            self.guard_hits.labels(stage.value, self._guard_category(category), severity)
+
+    def count_guard_hits(self, stage: GuardStage, pairs: Iterable[tuple[str, str]]) -> None:
+        """Count one checked text's hits, given as (category, severity): each pair once."""
+        for category, severity in sorted(set(pairs)):
+            self.guard_hits.labels(stage.value, self._guard_category(category), severity).inc()
+
+    def _guard_category(self, category: str) -> str:
+        if category not in self._guard_categories:
+            if len(self._guard_categories) >= GUARD_CATEGORY_LIMIT:
+                return OTHER_CATEGORY
+            self._guard_categories.add(category)
+        return category
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -71,6 +71,7 @@ class Runtime:
     history: History
     status: StatusBoard
     pipeline: ChatPipeline
+    slots: SlotTable  # the pipeline's, read for the slot gauges at each scrape
     data_layer: PostgresDataLayer
     tokenizer: EngineTokenizer
     metrics: Metrics
@@ -118,6 +119,7 @@ class Runtime:
             segmenter=jieba_segmenter(cache_dir=settings.state_dir / "jieba"),
             check_interval_s=settings.guard.reload_interval_s,
         )
+        slots = SlotTable(redis, capacity=serving.slots_per_replica, ttl_s=serving.lease_ttl_s)
         pipeline = ChatPipeline(
             audit=AuditLog(
                 pool,
@@ -130,7 +132,7 @@ class Runtime:
             metrics=metrics,
             guard=guard,
             pool=engines,
-            slots=SlotTable(redis, capacity=serving.slots_per_replica, ttl_s=serving.lease_ttl_s),
+            slots=slots,
             queue=WaitQueue(redis, max_depth=serving.queue_max_depth),
             shaper=Shaper(
                 tokenizer=tokenizer,
@@ -140,6 +142,7 @@ class Runtime:
             history=history,
             status=status,
             sentiment=probe,
+            tokenizer=tokenizer,
             config=PipelineConfig(
                 system_prompt=settings.llm.system_prompt,
                 slots_per_replica=serving.slots_per_replica,
@@ -156,7 +159,7 @@ class Runtime:
         users = UserStore(pool)
         runtime = cls(
             settings=settings, pool=pool, redis=redis, engines=engines, users=users,
-            history=history, status=status, pipeline=pipeline,
+            history=history, status=status, pipeline=pipeline, slots=slots,
             data_layer=PostgresDataLayer(pool, users), tokenizer=tokenizer, metrics=metrics,
             rag=rag, logins=LoginLimiter(redis, settings=settings.ratelimit, metrics=metrics),
         )  # fmt: skip

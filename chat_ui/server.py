@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from backend.config import Settings, export_chainlit_env
+from backend.errors import RedisUnavailable
 from backend.serving.pool import BreakerState
 from chat_ui import runtime as runtime_module
 from chat_ui.drain import ShutdownSignals
@@ -102,10 +103,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         rt = runtime_module.current()
+        available = rt.engines.available()
         for url in rt.engines.urls:
-            rt.metrics.engine_up.labels(url).set(1 if url in rt.engines.available() else 0)
+            rt.metrics.engine_up.labels(url).set(1 if url in available else 0)
             open_ = rt.engines.breaker_state(url) is BreakerState.OPEN
             rt.metrics.breaker_open.labels(url).set(1 if open_ else 0)
+        # Slots are read from Redis, not counted here: leases expire on their own and other
+        # chat_ui processes share the table.
+        try:
+            in_use: dict[str, int] | None = await rt.slots.occupancy(rt.engines.urls)
+        except RedisUnavailable:
+            in_use = None  # /readyz reports Redis down
+        capacity = {url: rt.slots.capacity if url in available else 0 for url in rt.engines.urls}
+        rt.metrics.set_slots(in_use, capacity=capacity)
         return Response(rt.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     mount_chainlit(app, target=str(APP_ROOT / "chat_ui" / "app.py"), path=CHAT_PATH)

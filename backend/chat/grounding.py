@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from backend.guard import Matcher
+from backend.guard import Matcher, Verdict
 from backend.rag.document import Hit
 
 UNKNOWN_ANSWER = "我不知道"
@@ -64,12 +64,24 @@ class Sources:
         return self.hits[n - 1] if 1 <= n <= len(self.hits) else None
 
 
-def screen_hits(hits: Sequence[Hit], matcher: Matcher | None) -> Sources:
-    """Retrieved text passes the guard too: a chunk with blocked words is not shown to the model."""
+def screen_hits(
+    hits: Sequence[Hit],
+    matcher: Matcher | None,
+    *,
+    seen: Callable[[Verdict], None] | None = None,
+) -> Sources:
+    """Retrieved text passes the guard too: a chunk with blocked words is not shown to the model.
+    `seen` gets each chunk's verdict (metrics)."""
     if matcher is None:
         return Sources(tuple(hits))
-    kept = tuple(hit for hit in hits if not matcher.check(hit.text).blocked)
-    return Sources(kept, dropped=len(hits) - len(kept))
+    kept = []
+    for hit in hits:
+        verdict = matcher.check(hit.text)
+        if seen is not None:
+            seen(verdict)
+        if not verdict.blocked:
+            kept.append(hit)
+    return Sources(tuple(kept), dropped=len(hits) - len(kept))
 
 
 def _defuse(text: str) -> str:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from backend.audit import AuditLog, AuditTrail
@@ -58,8 +58,8 @@ from backend.errors import (
     QueueTimeout,
     RateLimited,
 )
-from backend.guard import LexiconStore, StreamGuard
-from backend.metrics import Metrics
+from backend.guard import Hit, LexiconStore, Matcher, Severity, StreamGuard
+from backend.metrics import GuardStage, Metrics
 from backend.ratelimit import RateLimiter
 from backend.serving.degrade import choose_tier
 from backend.serving.engine import ChatRequest, Message
@@ -67,6 +67,7 @@ from backend.serving.pool import EnginePool, Started
 from backend.serving.queue import Position, WaitQueue
 from backend.serving.slots import Lease, SlotTable
 from backend.serving.status import ProcessState, StatusBoard
+from backend.serving.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +123,12 @@ class ChatPipeline:
         audit: AuditLog | None = None,
         limiter: RateLimiter | None = None,
         retriever: Retriever | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         """`guard`, `audit`, `limiter` None: no guard, no audit records, no rate limits;
-        `retriever` None: knowledge-base turns are answered without sources."""
+        `retriever` None: knowledge-base turns are answered without sources; `tokenizer` (the
+        engine's) counts the tokens of answers returned whole, None: such an answer counts as
+        one (a streamed delta is one token)."""
         self._pool = pool
         self._slots = slots
         self._queue = queue
@@ -138,7 +142,11 @@ class ChatPipeline:
         self._audit = audit
         self._limiter = limiter
         self._retriever = retriever
+        self._tokenizer = tokenizer
         self._background: set[asyncio.Task[None]] = set()
+        self._expected: Matcher | None = None  # the lexicon whose guard_hits series exist
+        if guard is not None:
+            self._matcher()
 
     async def prepare(self, thread_id: str) -> Lease | None:
         """On a new conversation, with warm-up on: take a slot if one is free and prefill the
@@ -168,6 +176,27 @@ class ChatPipeline:
 
     def _replicas(self) -> list[str]:
         return self._pool.available()
+
+    def _matcher(self) -> Matcher:
+        """The guard's lexicon in force; a new one has its guard_hits series created at zero."""
+        assert self._guard is not None
+        matcher = self._guard.current()
+        if matcher is not self._expected and self._metrics is not None:
+            entries = [p.entry for p in matcher.patterns if p.entry is not None]
+            pairs = {(entry.category, entry.severity.value) for entry in entries}
+            self._metrics.expect_guard_hits(GuardStage.INPUT, pairs)
+            self._metrics.expect_guard_hits(GuardStage.RETRIEVAL, pairs)
+            # the answer guard acts on block and mask words only
+            streamed = {pair for pair in pairs if pair[1] != Severity.FLAG}
+            if self._config.canary:
+                streamed.add((LEAK_CATEGORY, Severity.BLOCK.value))
+            self._metrics.expect_guard_hits(GuardStage.OUTPUT, streamed)
+        self._expected = matcher
+        return matcher
+
+    def _count_hits(self, stage: GuardStage, hits: Iterable[Hit]) -> None:
+        if self._metrics is not None:
+            self._metrics.count_guard_hits(stage, ((h.category, h.severity.value) for h in hits))
 
     async def answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
         """Yield the events of one answer (see `_answer`), counted in the metrics and, whatever
@@ -204,6 +233,7 @@ class ChatPipeline:
         finally:
             if metrics is not None:
                 metrics.requests.labels(outcome).inc()
+                metrics.completion_tokens.inc(trail.completion_tokens)
                 if first_at is not None:
                     metrics.latency.observe(time.monotonic() - started)
             if self._audit is not None:  # shielded: a second cancel must not lose the record
@@ -214,8 +244,9 @@ class ChatPipeline:
         serve it (`_serve`), then charge its prompt + completion tokens to the user, whatever the
         outcome. Raises RateLimited, RedisUnavailable, and what `_serve` raises."""
         if self._guard is not None:
-            verdict = self._guard.current().check(turn.text)
+            verdict = self._matcher().check(turn.text)
             trail.verdict("input", (hit.category for hit in verdict.hits))
+            self._count_hits(GuardStage.INPUT, verdict.hits)
             if verdict.blocked:
                 trail.outcome = Audited.BLOCKED_INPUT
                 category = next(h.category for h in verdict.hits if h.severity.value == "block")
@@ -323,12 +354,16 @@ class ChatPipeline:
         order = [lease.replica, *(u for u in available if u != lease.replica)]
         parts: list[str] = []
         blocked = False
+        whole: str | None = None  # an answer returned in one piece, not streamed
+        screen: StreamGuard | None = None
+        canary: CanaryFilter | None = None
         started_at = time.monotonic()
         # model output never makes the browser fetch or run anything, nor link off the allow-list
         markdown = MarkdownFilter(link_hosts=self._config.link_hosts)
         try:
             started = await self._start(shaped.request, order)
             trail.replica = started.replica
+            whole = None if shaped.request.stream else started.first
             if probe is not None:
                 yield SentimentLabel(await probe)
             if started.replica != lease.replica:  # failed over: pin the session where it is now
@@ -337,7 +372,7 @@ class ChatPipeline:
                     self._metrics.failovers.inc()
             screen = (
                 StreamGuard(
-                    self._guard.current(),
+                    self._matcher(),
                     batch_chars=self._config.stream_batch_chars,
                     max_delay_s=self._config.stream_max_delay_s,
                 )
@@ -378,6 +413,13 @@ class ChatPipeline:
         finally:
             if probe is not None and not probe.done():
                 probe.cancel()
+            if whole and self._tokenizer is not None:  # its one delta counted as one token
+                trail.completion_tokens = await self._tokenizer.count(whole)
+            if screen is not None:  # what the answer guard acted on: blocks and masks
+                self._count_hits(GuardStage.OUTPUT, screen.verdict.hits)
+            if canary is not None and canary.tripped and self._metrics is not None:
+                leak = (LEAK_CATEGORY, Severity.BLOCK.value)
+                self._metrics.count_guard_hits(GuardStage.OUTPUT, (leak,))
             if self._metrics is not None:
                 self._metrics.count_sanitized(markdown.removed.items())
             if parts:
@@ -408,7 +450,11 @@ class ChatPipeline:
             turn.text, user=turn.user, kbs=knowledge.kbs,
             top_k=retrieval_top_k(tier, top_k=self._config.top_k),
         )  # fmt: skip
-        sources = screen_hits(hits, self._guard.current() if self._guard is not None else None)
+        sources = screen_hits(
+            hits,
+            self._matcher() if self._guard is not None else None,
+            seen=lambda verdict: self._count_hits(GuardStage.RETRIEVAL, verdict.hits),
+        )
         trail.retrieved_chunk_ids = tuple(hit.chunk_id for hit in sources.hits)
         trail.verdict("retrieval", ("withheld",) * min(sources.dropped, 1))
         return sources

@@ -89,6 +89,11 @@ COST_PER_1000 = (
     f" / (sum(rate({ANSWERED}[1h])) * 3600 / 1000)"
 )
 KV_CACHE = "max by (instance) (vllm:kv_cache_usage_perc or vllm:gpu_cache_usage_perc)"
+# Every chat_ui reports the whole (shared) slot table: one value per replica, never summed over
+# chat_ui instances.
+SLOTS_IN_USE = "max by (replica) (qwen_slots_in_use)"
+SLOTS_CAPACITY = "max by (replica) (qwen_slots_capacity)"
+SLOT_OCCUPANCY = f"sum({SLOTS_IN_USE}) / (sum({SLOTS_CAPACITY}) > 0)"
 
 COST_ROW = Row(
     "Cost",
@@ -169,18 +174,29 @@ CHAT = Dashboard(
                     "Tokens per second",
                     (
                         q(f"sum(rate(qwen_prompt_tokens_total[{RATE}]))", "prompt (chat_ui)"),
+                        q(
+                            f"sum(rate(qwen_completion_tokens_total[{RATE}]))",
+                            "completion (chat_ui)",
+                        ),
                         q(f"sum(rate(vllm:generation_tokens_total[{RATE}]))", "generated (vLLM)"),
                     ),
                 ),
                 Panel(
-                    "Prompt tokens per answer",
+                    "Tokens per answer",
                     (
                         q(
                             f"sum(rate(qwen_prompt_tokens_total[{RATE}]))"
                             f" / sum(rate(qwen_degradation_tier_total[{RATE}]))",
                             "prompt tokens",
                         ),
+                        q(
+                            f"sum(rate(qwen_completion_tokens_total[{RATE}]))"
+                            f" / sum(rate(qwen_degradation_tier_total[{RATE}]))",
+                            "completion tokens",
+                        ),
                     ),
+                    description="Per request that finished (each counts once by tier); the "
+                    "tokens of stopped answers count too.",
                 ),
             ),
         ),
@@ -188,19 +204,19 @@ CHAT = Dashboard(
             "Session slots and queue",
             (
                 Panel(
-                    "Waiting for a slot",
-                    (q("max(qwen_queue_depth)", "queue depth (last seen)"),),
-                    width=8,
-                ),
-                Panel(
-                    "Queue wait",
-                    quantiles("qwen_queue_wait_seconds", (0.5, 0.95)),
-                    unit="s",
-                    width=8,
+                    "Slots in use and capacity",
+                    (
+                        q(f"sum({SLOTS_IN_USE})", "in use"),
+                        q(f"sum({SLOTS_CAPACITY})", "capacity"),
+                        q(SLOTS_IN_USE, "in use {{replica}}"),
+                    ),
+                    description="Live session leases in Redis, read by chat_ui at each scrape; "
+                    "capacity counts the replicas chat_ui finds healthy.",
                 ),
                 Panel(
                     "Slot saturation",
                     (
+                        q(SLOT_OCCUPANCY, "slots in use"),
                         q(
                             f'1 - sum(rate(qwen_queue_wait_seconds_bucket{{le="0.5"}}[{RATE}]))'
                             f" / sum(rate(qwen_queue_wait_seconds_count[{RATE}]))",
@@ -212,9 +228,18 @@ CHAT = Dashboard(
                         ),
                     ),
                     unit="percentunit",
-                    description="A request waits only when every slot is taken: the share that "
-                    "waited over 0.5 s is how saturated the slots are.",
-                    width=8,
+                    description="Share of slots in use (the QwenSlotsSaturated alert fires over "
+                    "90% for 10 min); with every slot taken new turns wait, and past the wait "
+                    "budget they are refused.",
+                ),
+                Panel(
+                    "Waiting for a slot",
+                    (q("max(qwen_queue_depth)", "queue depth (last seen)"),),
+                ),
+                Panel(
+                    "Queue wait",
+                    quantiles("qwen_queue_wait_seconds", (0.5, 0.95)),
+                    unit="s",
                 ),
             ),
         ),
@@ -251,19 +276,30 @@ CHAT = Dashboard(
                         ),
                     ),
                     unit="reqps",
-                    width=8,
+                ),
+                Panel(
+                    "Guard hits by stage and category",
+                    (
+                        q(
+                            f"sum by (stage, category) (rate(qwen_guard_hits_total[{RATE}]))",
+                            "{{stage}} · {{category}}",
+                        ),
+                    ),
+                    unit="ops",
+                    description="Texts with a lexicon hit: the user's message (input), each "
+                    "retrieved chunk (retrieval), the answer (output: blocked or masked words, "
+                    "and prompt_leak for the canary). By severity: qwen_guard_hits_total's "
+                    "severity label.",
                 ),
                 Panel(
                     "Answers sanitized, by kind",
                     (q(f"sum by (kind) (rate(qwen_answer_sanitized_total[{RATE}]))", "{{kind}}"),),
                     unit="ops",
-                    width=8,
                 ),
                 Panel(
                     "Citations removed",
                     (q(f"sum(rate(qwen_citations_removed_total[{RATE}]))", "removed"),),
                     unit="ops",
-                    width=8,
                 ),
             ),
         ),

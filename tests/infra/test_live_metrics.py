@@ -1,7 +1,8 @@
 """A real Prometheus (infra/prometheus's jobs and rules, 1 s scrapes) scraping a running chat_ui and
 RAG worker through a short load: Chinese multi-turn chats over the Chainlit websocket (the client
-of infra/locust/), a blocked message, a rate-limited user, an engine error, a sanitized answer, a
-knowledge-base answer with a made-up citation, uploads (indexed, duplicate, rejected). Afterwards
+of infra/locust/), a blocked message, a rate-limited user, an engine error, a sanitized answer with
+a masked word, a knowledge-base answer with a made-up citation, uploads (indexed, duplicate,
+rejected). Afterwards
 every dashboard query and every alert's signal returns data, and every rule evaluates cleanly.
 
 Not expected to return data here: vLLM's own series (no vLLM on this machine) and audit write
@@ -148,7 +149,7 @@ def load(system: dict[str, Any]) -> dict[str, Any]:
     asyncio.run(_ingest(system["rag"].url, [("leave.txt", LEAVE)], [(True, False)]))
     sent = 0
     # Scripted answers first, one at a time: the fake engine answers requests in arrival order.
-    engine.script([{"text": "这是一张图 ![x](http://evil.example/x.png) ，请看。"}])
+    engine.script([{"text": "这是一张图 ![x](http://evil.example/x.png) ，微信号不给。"}])
     sanitized = _chat(client, ui, "alice", ("给我看一张图片",))
     engine.script([{"status": 500}])
     failed = _chat(client, ui, "alice", ("这个问题会失败",))
@@ -163,6 +164,7 @@ def load(system: dict[str, Any]) -> dict[str, Any]:
         chats = list(pool.map(lambda i: _chat(client, ui, f"user{i}", CONVERSATION), range(4)))
     sent += 4 * len(CONVERSATION)
     assert "evil.example" not in sanitized[0].text and sanitized[0].error is None
+    assert "微信号" not in sanitized[0].text  # masked
     assert failed[0].error is not None and blocked[0].error is not None  # an error notice each
     assert "[9]" not in cited[0].text and cited[0].error is None
     assert all(
@@ -264,6 +266,19 @@ def test_the_load_produced_every_outcome(scraped: str) -> None:
     assert _value(scraped, "sum(qwen_citations_removed_total)") >= 1
     assert _value(scraped, "sum(qwen_rag_retrieve_seconds_count)") >= 1
     assert _value(scraped, "max(qwen_engine_up)") == 1
+
+
+def test_the_load_shows_in_guard_token_and_slot_metrics(scraped: str) -> None:
+    def hits(stage: str, severity: str) -> float:
+        labels = f'stage="{stage}", category="广告引流", severity="{severity}"'
+        return _value(scraped, f"sum(qwen_guard_hits_total{{{labels}}})")
+
+    assert (hits("input", "block"), hits("output", "mask")) == (1, 1)  # 加我微信, 微信号
+    assert _value(scraped, 'sum(qwen_guard_hits_total{stage="retrieval"})') == 0
+    assert _value(scraped, "sum(qwen_completion_tokens_total)") > 0
+    assert _value(scraped, "sum(qwen_slots_capacity)") >= 1
+    # sessions hold their slot until the chat closes: some scrape saw one
+    assert _value(scraped, "max(max_over_time(qwen_slots_in_use[1h]))") >= 1
 
 
 def test_nothing_critical_fires_in_a_healthy_run(scraped: str) -> None:

@@ -21,7 +21,7 @@ from backend.serving.pool import EnginePool
 from backend.serving.queue import WaitQueue
 from backend.serving.slots import SlotTable
 from backend.serving.status import StatusBoard
-from backend.serving.tokenizer import EstimateTokenizer
+from backend.serving.tokenizer import EstimateTokenizer, Tokenizer
 from chat_ui.runtime import PoolEngine
 from tests.fixtures.engines import free_port
 
@@ -50,7 +50,7 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
         urls: list[str], *, capacity: int = 4, budget_s: float = 5.0, sentiment: bool = False,
         client: aioredis.Redis | None = None, warmup: bool = False,
         guard: LexiconStore | None = None, retriever: Retriever | None = None,
-        canary: str | None = None,
+        canary: str | None = None, tokenizer: Tokenizer | None = None,
     ) -> Stack:  # fmt: skip
         redis = client or redis_client
         pool = EnginePool(urls, llm=LLM, serving=ServingSettings())
@@ -70,6 +70,7 @@ async def make_stack(redis_client: aioredis.Redis) -> AsyncIterator[MakeStack]:
             history=history,
             status=status,
             sentiment=SentimentProbe(PoolEngine(pool), timeout_s=2) if sentiment else None,
+            tokenizer=tokenizer,
             config=PipelineConfig(
                 system_prompt=SYSTEM,
                 slots_per_replica=capacity,

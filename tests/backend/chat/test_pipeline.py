@@ -19,6 +19,7 @@ from backend.embedded import EmbeddedRedis
 from backend.errors import EngineRestarting, EngineTimeout, EngineUnavailable, RedisUnavailable
 from backend.metrics import Metrics
 from backend.serving.status import ProcessState, ProcessStatus
+from backend.serving.tokenizer import EstimateTokenizer, estimate_tokens
 from tests.backend.chat.stack import SYSTEM, MakeStack, dead_url, run, text_of
 from tests.fixtures.engines import FakeEngineHandle, free_port
 
@@ -189,6 +190,26 @@ async def test_metrics_count_outcome_tier_and_ttft(
     assert sample(stack.metrics, "qwen_requests_total", {"outcome": "ok"}) == 1
     assert sample(stack.metrics, "qwen_degradation_tier_total", {"tier": "normal"}) == 1
     assert sample(stack.metrics, "qwen_time_to_first_token_seconds_count") == 1
+
+
+async def test_metrics_count_streamed_completion_tokens(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
+) -> None:
+    stack = make_stack([fake_engine.base_url])
+    fake_engine.script([{"text": "一二三四五六七", "chunk_chars": 1}])  # one token per chunk
+    await run(stack.pipeline, "m", "你好")
+    assert sample(stack.metrics, "qwen_completion_tokens_total") == 7
+
+
+async def test_metrics_count_whole_answer_tokens_with_the_tokenizer(
+    fake_engine: FakeEngineHandle, make_stack: MakeStack
+) -> None:
+    stack = make_stack([fake_engine.base_url], tokenizer=EstimateTokenizer())
+    answer = "这是一次不流式返回的完整回答，一共好几个词。"
+    fake_engine.script([{"text": answer}])
+    turn = Turn(thread_id="m", text="你好", stream=False)
+    assert text_of([event async for event in stack.pipeline.answer(turn)]) == answer
+    assert sample(stack.metrics, "qwen_completion_tokens_total") == estimate_tokens(answer)
 
 
 async def test_metrics_count_refusals(fake_engine: FakeEngineHandle, make_stack: MakeStack) -> None:

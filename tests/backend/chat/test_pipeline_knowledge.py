@@ -101,6 +101,22 @@ async def test_blocked_chunk_is_withheld(
     assert word not in fake_engine.log()[-1]["body"]["messages"][-1]["content"]
 
 
+async def test_withheld_chunk_counts_a_retrieval_hit(
+    make_stack: MakeStack, fake_engine: FakeEngineHandle, fake_engine_url: str, tmp_path: Path
+) -> None:
+    entry = next(
+        e for e in Lexicon.load(builtin_lexicon_dir()).entries
+        if e.severity is Severity.BLOCK and not e.whole_word
+    )  # fmt: skip
+    guard = LexiconStore(builtin_lexicon_dir(), segmenter=jieba_segmenter(cache_dir=tmp_path))
+    retriever = ScriptedRetriever([hit(1, f"含有{entry.word}的资料"), hit(2, PASSAGE)])
+    fake_engine.script([{"text": "每年 5 天[1]。"}])
+    stack = make_stack([fake_engine_url], retriever=retriever, guard=guard)
+    await ask(stack.pipeline, "年假几天？")
+    labels = {"stage": "retrieval", "category": entry.category, "severity": "block"}
+    assert stack.metrics.registry.get_sample_value("qwen_guard_hits_total", labels) == 1
+
+
 async def test_plain_chat_retrieves_nothing(
     make_stack: MakeStack, fake_engine: FakeEngineHandle, fake_engine_url: str
 ) -> None:

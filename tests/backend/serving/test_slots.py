@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from backend.errors import RedisUnavailable
+from backend.metrics import Metrics
 from backend.serving.slots import SlotTable
 
 A, B = "http://a:8000/v1", "http://b:8000/v1"
@@ -126,6 +127,32 @@ async def test_release_frees_slot(redis_client: aioredis.Redis) -> None:
     await slots.release("s1")
     lease = await slots.acquire("s2", replicas=[A])
     assert lease is not None and lease.replica == A
+
+
+async def test_slot_gauge_follows_acquire_and_release(redis_client: aioredis.Redis) -> None:
+    """As chat_ui's /metrics sets it: read from Redis at scrape, so a lease taken by another
+    process (another table on the same Redis) shows too."""
+    slots, other, metrics = table(redis_client), table(redis_client), Metrics()
+
+    async def scrape() -> dict[str, float | None]:
+        metrics.set_slots(await slots.occupancy([A, B]), capacity={A: 2, B: 0})
+        get = metrics.registry.get_sample_value
+        return {replica: get("qwen_slots_in_use", {"replica": replica}) for replica in (A, B)}
+
+    await slots.acquire("s1", replicas=[A])
+    await other.acquire("s2", replicas=[A])
+    assert await scrape() == {A: 2, B: 0}
+    await other.release("s1")
+    assert await scrape() == {A: 1, B: 0}
+    assert metrics.registry.get_sample_value("qwen_slots_capacity", {"replica": B}) == 0
+
+
+async def test_slot_gauge_is_emptied_when_unreadable() -> None:
+    metrics = Metrics()
+    metrics.set_slots({A: 1}, capacity={A: 2})
+    metrics.set_slots(None, capacity={A: 2})
+    assert metrics.registry.get_sample_value("qwen_slots_in_use", {"replica": A}) is None
+    assert metrics.registry.get_sample_value("qwen_slots_capacity", {"replica": A}) == 2
 
 
 async def test_occupancy_counts_per_replica(redis_client: aioredis.Redis) -> None:

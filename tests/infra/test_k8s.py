@@ -255,6 +255,29 @@ def test_ingress_is_sticky_and_keeps_websockets_open() -> None:
     assert backend["name"] == "qwen-chat-ui" and ingress["spec"]["tls"]
 
 
+def routed(path: str, rules: list[dict[str, Any]]) -> bool:
+    """Whether an Ingress with `rules` sends `path` to a backend (networking.k8s.io/v1 matching:
+    Exact is the whole path, Prefix matches whole path elements)."""
+    for rule in rules:
+        for entry in rule["http"]["paths"]:
+            want, kind = entry["path"], entry["pathType"]
+            if kind == "Exact" and path == want:
+                return True
+            if kind in ("Prefix", "ImplementationSpecific"):
+                prefix = want.rstrip("/")
+                if path == prefix or path.startswith(prefix + "/") or not prefix:
+                    return True
+    return False
+
+
+def test_ingress_routes_the_ui_and_keeps_metrics_and_probes_inside() -> None:
+    rules = files.k8s_object("Ingress", "qwen-chat-ui")["spec"]["rules"]
+    for public in ("/", "/chat", "/chat/", "/chat/login", "/chat/ws/socket.io/"):
+        assert routed(public, rules), public
+    for internal in ("/metrics", "/healthz", "/readyz", "/metrics/", "/chatx"):
+        assert not routed(internal, rules), internal
+
+
 def policies_for(labels: dict[str, str]) -> list[dict[str, Any]]:
     return [
         p

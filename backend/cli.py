@@ -146,6 +146,16 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
+    return _user(settings, args, if_missing=False)
+
+
+def _cmd_user_ensure(settings: Settings, args: argparse.Namespace) -> int:
+    return _user(settings, args, if_missing=True)
+
+
+def _user(settings: Settings, args: argparse.Namespace, *, if_missing: bool) -> int:
+    """`user add` (an existing name is an error) or `user ensure` (an existing login is left as it
+    is, password and role included: init jobs run it on every deploy)."""
     from backend.auth import Role, UserStore
     from backend.db import migrate, open_pool
     from backend.embedded import EmbeddedServices
@@ -159,7 +169,12 @@ def _cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
         await migrate(url)
         pool = await open_pool(url, min_size=1, max_size=1)
         try:
-            user = await UserStore(pool).create(args.name, password, role=Role(args.role))
+            users = UserStore(pool)
+            existing = await users.get(args.name) if if_missing else None
+            if existing is not None:
+                print(f"exists {existing.identifier} ({existing.role}); left unchanged")
+                return
+            user = await users.create(args.name, password, role=Role(args.role))
         finally:
             await pool.close()
         print(f"added {user.identifier} ({user.role})")
@@ -263,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--role", choices=["user", "kb_admin", "admin"], default="user")
     add.set_defaults(func=_cmd_user_add)
+    ensure = user.add_parser(
+        "ensure", help="add a login unless it exists (an existing one is left unchanged)"
+    )
+    ensure.add_argument("name")
+    ensure.add_argument("--role", choices=["user", "kb_admin", "admin"], default="user")
+    ensure.set_defaults(func=_cmd_user_ensure)
 
     guard = sub.add_parser("guard", help="the sensitive-word guard").add_subparsers(
         dest="action", required=True

@@ -102,6 +102,26 @@ async def test_user_add_twice_is_one_line_error(
 
 
 @pytest.mark.slow
+async def test_user_ensure_adds_once_and_leaves_an_existing_login_alone(
+    clean_env: dict[str, str], database: str, redis_url: str
+) -> None:
+    env = {**clean_env, "QWEN_DATABASE__URL": database, "QWEN_REDIS__URL": redis_url}
+    first = await _run_cli("user", "ensure", "carol", "--role", "admin", env=env,
+                           stdin=PASSWORD + "\n")  # fmt: skip
+    again = await _run_cli("user", "ensure", "carol", "--role", "user", env=env,
+                           stdin="another-password-123\n")  # fmt: skip
+    assert (first.code, again.code) == (0, 0), (first.stderr, again.stderr)
+    assert first.stdout.strip() == "added carol (admin)"
+    assert again.stdout.strip() == "exists carol (admin); left unchanged"
+    pool = await open_pool(database, min_size=1, max_size=1)
+    try:
+        user = await UserStore(pool).authenticate("carol", PASSWORD)  # the first password holds
+    finally:
+        await pool.close()
+    assert user.role is Role.ADMIN
+
+
+@pytest.mark.slow
 async def test_backend_error_exit_2(clean_env: dict[str, str], tmp_path: Path) -> None:
     env = {**clean_env, "QWEN_ENGINE__MODEL": str(tmp_path / "missing.gguf")}
     run = await _run_cli("engine", env=env)

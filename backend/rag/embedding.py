@@ -76,8 +76,15 @@ class FlagEmbedder:
     linear layers' weights stored in bfloat16 once (else autocast casts them again in every
     batch, ~7% of the time); embeddings, norms, softmax and pooling stay float32. Where the CPU
     multiplies bfloat16 natively (AVX512-BF16, AMX) that embeds ~1.8x faster than float32, and the
-    vectors keep a cosine above 0.9999 with the float32 ones (tests/backend/rag/test_embedding.py). `auto` picks it on such
-    CPUs and float32 elsewhere (emulated bfloat16 would be slower); `precision` says which ran.
+    vectors keep a cosine above 0.9999 with the float32 ones (tests/backend/rag/test_embedding.py).
+    `auto` picks it on such CPUs and float32 elsewhere (emulated bfloat16 would be slower);
+    `precision` says which ran.
+
+    Batching: a call's texts are tokenized once, sorted by token count, longest first, and cut
+    into batches of at most `batch_size` that also end where a text is shorter than
+    SHORT_RATIO of the batch's first (longest) one, so a document's few short chunks (section
+    ends) do not pad up to its long ones: ~96% of the computed positions are real tokens on the
+    bench's documents, against ~84% for fixed batches sorted by characters.
 
     Thread-safe: `embed` calls are serialized by a lock (the model and its tokenizer are not safe to
     share between threads), and `count_tokens` uses its own copy of the tokenizer under a second
@@ -132,12 +139,14 @@ class FlagEmbedder:
         """See `Embedder.embed`. Raises EmbeddingMismatch when the model's width is not `dim`."""
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
-        # Longest first, as FlagEmbedding does, so each batch pads little; results go back in order.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        tokenized = self._model.tokenizer(
+            list(texts), truncation=True, max_length=self._max_length, verbose=False
+        )
+        ids = tokenized["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
         with self._lock:
             parts = [
-                self._forward([texts[i] for i in order[start : start + self._batch_size]])
-                for start in range(0, len(order), self._batch_size)
+                self._forward(tokenized, batch) for batch in _batches(order, ids, self._batch_size)
             ]
         by_length = np.concatenate(parts, axis=0)
         vectors = np.empty_like(by_length)
@@ -152,8 +161,9 @@ class FlagEmbedder:
         normalized: Vectors = vectors / np.maximum(norms, np.float32(1e-12))
         return normalized
 
-    def _forward(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        """One batch through the model: what FlagEmbedding's `encode` computes per batch.
+    def _forward(self, tokenized: Any, batch: list[int]) -> npt.NDArray[np.float32]:
+        """Rows `batch` of `tokenized` through the model, padded to the longest: what
+        FlagEmbedding's `encode` computes per batch.
 
         `encode` is not called because it runs its first batch twice (a memory probe) and draws
         tqdm bars on stderr; for the one-batch calls of ingestion and queries that doubles the CPU
@@ -162,13 +172,8 @@ class FlagEmbedder:
         import torch
 
         flag = self._model
-        inputs = flag.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self._max_length,
-            return_tensors="pt",
-        )
+        features = {key: [values[i] for i in batch] for key, values in tokenized.items()}
+        inputs = flag.tokenizer.pad(features, padding=True, return_tensors="pt")
         autocast = torch.autocast(
             "cpu", dtype=torch.bfloat16, enabled=self.precision is EmbeddingPrecision.BFLOAT16
         )
@@ -188,6 +193,22 @@ class FlagEmbedder:
         with self._count_lock:
             encoded = self._tokenizer(text, add_special_tokens=False, verbose=False)
         return len(encoded["input_ids"])
+
+
+SHORT_RATIO = 0.6  # a text shorter than this share of its batch's longest starts a new batch
+
+
+def _batches(order: list[int], ids: list[list[int]], size: int) -> list[list[int]]:
+    """`order` (indices by token count, longest first) cut into batches of at most `size` that
+    end early where a text has fewer than SHORT_RATIO times the batch's first one's tokens."""
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        if batch is None or len(batch) == size or len(ids[i]) < SHORT_RATIO * len(ids[batch[0]]):
+            batches.append([i])
+        else:
+            batch.append(i)
+    return batches
 
 
 def _linear_weights_to_bfloat16(model: Any) -> None:

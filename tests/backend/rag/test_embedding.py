@@ -302,3 +302,24 @@ def test_modelscope_download_is_used_and_cached(
     requests = len(fake_modelscope.requested)
     assert resolve_embedding_model(REPO, engine=engine, cache_dir=tmp_path) == folder
     assert len(fake_modelscope.requested) == requests
+
+
+def test_batches_are_capped_and_end_before_a_much_shorter_text() -> None:
+    from backend.rag.embedding import SHORT_RATIO, _batches
+
+    lengths = [130, 128, 125, 120, 118, 60, 58, 30]
+    ids = [[0] * n for n in lengths]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = _batches(order, ids, 3)
+    assert batches == [[0, 1, 2], [3, 4], [5, 6], [7]]
+    for batch in batches:  # every text in a batch is at least SHORT_RATIO of its first
+        assert all(len(ids[i]) >= SHORT_RATIO * len(ids[batch[0]]) for i in batch)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(ids)))
+
+
+def test_short_and_long_texts_in_one_call_equal_separate_calls(embedder: FlagEmbedder) -> None:
+    long = [f"{PASSWORD_PASSAGE} {VACATION_PASSAGE} paragraph {i}" for i in range(5)]
+    short = ["ok", "hello world", "知识库"]
+    together = embedder.embed([*long, *short])
+    np.testing.assert_allclose(together[5:], embedder.embed(short), atol=2e-3)
+    np.testing.assert_allclose(together[:5], embedder.embed(long), atol=2e-3)

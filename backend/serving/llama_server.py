@@ -19,6 +19,7 @@ the library's own methods run unchanged. Written against llama-cpp-python 0.3.x 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 
 import llama_cpp
 import numpy as np
@@ -27,7 +28,16 @@ from llama_cpp.llama_cache import LlamaRAMCache
 
 
 class BoundedRAMCache(LlamaRAMCache):
-    """LlamaRAMCache whose size is what its entries really hold (KV state, logits, token ids)."""
+    """LlamaRAMCache whose size is what its entries really hold (KV state, logits, token ids), and
+    which keeps one entry per conversation rather than one per turn.
+
+    The server saves a state after every answer under prompt + answer tokens; the entry it was
+    restored from is a prefix of that key, so it can no longer serve any request better than the
+    new one (a request that branches off inside it restores the new state and re-evaluates from
+    the branch, as it would from the old one). Upstream keeps it until the LRU evicts it, and
+    under turn-by-turn traffic the LRU then evicts the newest state of a conversation that has not
+    come back yet, before those stale prefixes: a cache sized for its conversations missed on all
+    of them (bench/sticky.py). Here inserting a state drops the entries it extends."""
 
     @property
     def cache_size(self) -> int:
@@ -35,6 +45,12 @@ class BoundedRAMCache(LlamaRAMCache):
             state.llama_state_size + state.scores.nbytes + state.input_ids.nbytes
             for state in self.cache_state.values()
         )
+
+    def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
+        new = tuple(key)
+        for old in [k for k in self.cache_state if len(k) < len(new) and new[: len(k)] == k]:
+            del self.cache_state[old]
+        super().__setitem__(new, value)
 
 
 class LeanLlama(Llama):

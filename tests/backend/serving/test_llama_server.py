@@ -35,6 +35,32 @@ def test_eviction_bounds_real_memory() -> None:
     assert cache.cache_size <= 2 * entry
 
 
+def test_a_state_replaces_the_states_it_extends() -> None:
+    cache = BoundedRAMCache(capacity_bytes=10**9)
+    cache[(1, 2)] = state(2, kv_bytes=10, vocab=10)  # conversation A, turn 1
+    cache[(7, 8)] = state(2, kv_bytes=10, vocab=10)  # conversation B
+    cache[(1, 2, 3, 4)] = state(4, kv_bytes=10, vocab=10)  # A, turn 2: extends (1, 2)
+    cache[(1, 5)] = state(2, kv_bytes=10, vocab=10)  # a branch of A: extends nothing stored
+    assert list(cache.cache_state) == [(7, 8), (1, 2, 3, 4), (1, 5)]
+    cache[(1, 2, 3, 4)] = state(4, kv_bytes=10, vocab=10)  # the same key again: one entry
+    assert len(cache.cache_state) == 3
+
+
+def test_turn_by_turn_traffic_keeps_every_conversation_that_fits() -> None:
+    """Three conversations taking turns, a cache for three final states: every next turn finds
+    its conversation's latest state (upstream's LRU kept the stale prefixes and lost those)."""
+    entry = 10 + 8 * 10 * 4  # bytes of a state apart from its token ids
+    cache = BoundedRAMCache(capacity_bytes=3 * (entry + 6 * 4 * 4))
+    history: dict[int, tuple[int, ...]] = {c: (c,) for c in range(3)}
+    for turn in range(6):
+        for c in range(3):
+            if turn:  # the server's lookup (it also marks the entry as recently used)
+                assert cache[history[c] + (99,)].n_tokens == len(history[c]), (turn, c)
+            history[c] += (c,) * 3
+            cache[history[c]] = state(len(history[c]), kv_bytes=10, vocab=10)
+    assert len(cache.cache_state) == 3
+
+
 def test_longest_prefix_still_found() -> None:
     cache = BoundedRAMCache(capacity_bytes=10**9)
     cache[(1, 2, 3)] = state(3, kv_bytes=10, vocab=10)

@@ -31,13 +31,15 @@ class BoundedRAMCache(LlamaRAMCache):
     """LlamaRAMCache whose size is what its entries really hold (KV state, logits, token ids), and
     which keeps one entry per conversation rather than one per turn.
 
-    The server saves a state after every answer under prompt + answer tokens; the entry it was
-    restored from is a prefix of that key, so it can no longer serve any request better than the
-    new one (a request that branches off inside it restores the new state and re-evaluates from
-    the branch, as it would from the old one). Upstream keeps it until the LRU evicts it, and
-    under turn-by-turn traffic the LRU then evicts the newest state of a conversation that has not
-    come back yet, before those stale prefixes: a cache sized for its conversations missed on all
-    of them (bench/sticky.py). Here inserting a state drops the entries it extends."""
+    The server saves a state after every answer under prompt + answer tokens. An entry whose key
+    is a prefix of the new key can no longer serve any request better than the new one (a request
+    that branches off inside it restores the new state and re-evaluates from the branch, as it
+    would from the old one), yet upstream keeps it until the LRU evicts it; and since a lookup
+    marks the entry it found as recent, under turn-by-turn traffic the LRU evicts the newest
+    state of a conversation that has not come back yet before those stale prefixes
+    (tests/backend/serving/test_llama_server.py). Here inserting a state drops the entries it
+    extends. (A reply whose text re-tokenizes differently leaves its entry behind all the same:
+    the new key then diverges inside the reply.)"""
 
     @property
     def cache_size(self) -> int:

@@ -43,7 +43,10 @@ def engine_command(settings: Settings, model: Path) -> list[str]:
 
     ChatML template (Qwen's), one request at a time without aborting running streams
     (`--interrupt_requests False`), and a RAM prompt cache of `engine.cache_bytes` bytes so a
-    request that extends an earlier prompt skips most of its prefill.
+    request that extends an earlier prompt skips most of its prefill. `--logits_all False`: the
+    server's default keeps every prompt token's logits (n_vocab floats each, ~600 KiB with Qwen's
+    vocabulary), which only logprobs need, and each cached state would carry them (a 1,400-token
+    conversation: ~820 MiB instead of ~17 MiB; backend/serving/llama_server.py).
     """
     engine = settings.engine
     threads = str(engine_threads(engine))
@@ -58,6 +61,7 @@ def engine_command(settings: Settings, model: Path) -> list[str]:
         "--host", engine.host,
         "--port", str(engine.port),
         "--interrupt_requests", "False",
+        "--logits_all", "False",
         "--cache", "True",
         "--cache_type", "ram",
         "--cache_size", str(engine.cache_bytes),

@@ -83,6 +83,11 @@ def test_command_keeps_running_streams() -> None:
     assert _flag(engine_command(Settings(), MODEL), "--interrupt_requests") == "False"
 
 
+def test_command_keeps_no_per_token_logits() -> None:
+    # the server's default is True: every cached prompt state would carry ~600 KiB per token
+    assert _flag(engine_command(Settings(), MODEL), "--logits_all") == "False"
+
+
 def test_command_names_model_after_llm_setting() -> None:
     settings = Settings(llm=LLMSettings(model="qwen-tiny"))
     assert _flag(engine_command(settings, MODEL), "--model_alias") == "qwen-tiny"

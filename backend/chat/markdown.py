@@ -63,6 +63,7 @@ from typing import NamedTuple
 
 from backend.chat.markdown_syntax import (
     ALLOWED_SCHEMES,
+    OPEN_REFERENCE,
     PREFIX,
     PUNCT,
     WORD_JOINER,
@@ -110,7 +111,6 @@ class _Step(NamedTuple):
 
 _SPECIAL = re.compile(r"[\\!\[\]<\n/.&]")
 _URL_TRIGGER = re.compile(r"[\\/.&]")
-_OPEN_REFERENCE = re.compile(r"&[#A-Za-z0-9]*\Z")
 _REFERENCE_GOES_ON = re.compile(r"[#A-Za-z0-9;]")
 _BLANK = re.compile(r"[ \t\n]")
 _LAST_ANGLE_STOP = re.compile(r"[\x00-\x20<>](?=[^\x00-\x20<>]*\Z)")
@@ -259,7 +259,7 @@ class MarkdownFilter:
         text = text or inert(LINK_REMOVED)
         if self._angle_open:
             text = " " + text
-        elif _OPEN_REFERENCE.search(self._tail) and _REFERENCE_GOES_ON.match(text):
+        elif OPEN_REFERENCE.search(self._tail) and _REFERENCE_GOES_ON.match(text):
             text = WORD_JOINER + text
         out: list[str] = []
         tail, i = self._tail, 0

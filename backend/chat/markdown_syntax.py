@@ -29,7 +29,7 @@ _TRIGGERS = frozenset("![]<")  # where a rewrite may start
 _C0_AND_SPACE = "".join(map(chr, range(0x21)))
 _DEST_STOPS = _C0_AND_SPACE + "\x7f)![]<"  # where a raw destination ends or a rewrite may start
 _OPEN_SCHEME = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.\-]*)?")  # a scheme could still follow
-_OPEN_REFERENCE = re.compile(r"&[#A-Za-z0-9]*\Z")  # a character reference could still end
+OPEN_REFERENCE = re.compile(r"&[#A-Za-z0-9]*\Z")  # a character reference could still end
 _AUTOLINK_HEAD = re.compile(r"<([A-Za-z][A-Za-z0-9+.\-]*)")
 _AUTOLINK_END = re.compile(r"[\x00-\x20<>]")
 _ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")
@@ -245,7 +245,7 @@ def _settled(prefix: str, hosts: LinkHosts | None) -> bool | None:
     if _SCHEME.match(url):
         if not scheme_allowed(prefix):
             return False
-    elif _OPEN_SCHEME.fullmatch(url) or _OPEN_REFERENCE.search(prefix):
+    elif _OPEN_SCHEME.fullmatch(url) or OPEN_REFERENCE.search(prefix):
         return None
     return True if hosts is None else host_allowed(decode(prefix), hosts, complete=False)
 
@@ -509,7 +509,7 @@ def inert(markdown: str) -> str:
     that what follows could complete into a character reference too: it renders as text and
     pairs with nothing around it."""
     text = _INERT.sub(lambda m: m.group() if len(m.group()) == 2 else "\\" + m.group(), markdown)
-    if reference := _OPEN_REFERENCE.search(text):
+    if reference := OPEN_REFERENCE.search(text):
         amp = reference.start()
         backslashes = amp - len(text[:amp].rstrip("\\"))
         if backslashes % 2 == 0:

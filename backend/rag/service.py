@@ -29,7 +29,7 @@ from backend.metrics import RagMetrics
 from backend.rag.document import Hit
 from backend.rag.embedding import Embedder, load_embedder
 from backend.rag.fulltext import FullText
-from backend.rag.ingest import cpu_lane
+from backend.rag.indexer import cpu_lane
 from backend.rag.jobs import JobQueue
 from backend.rag.parsing import detect_format
 from backend.rag.records import DocumentRecord, KnowledgeBase

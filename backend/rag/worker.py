@@ -30,7 +30,8 @@ from backend.metrics import RagMetrics
 from backend.rag.chunking import Chunker
 from backend.rag.embedding import Embedder, load_embedder
 from backend.rag.fulltext import FullText
-from backend.rag.ingest import IngestWorker, Outcome, cpu_lane
+from backend.rag.indexer import cpu_lane
+from backend.rag.ingest import IngestWorker, Outcome
 from backend.rag.jobs import JobQueue
 from backend.rag.sandbox import ParseLimits, SandboxParser
 from backend.rag.storage import FileStorage

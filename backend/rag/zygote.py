@@ -133,12 +133,15 @@ class Zygote:
 
     def serve(self) -> int:
         """Answer requests on stdin until it closes; 0 then, 2 on a request over max_bytes."""
-        stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-        while header := _read_exact(stdin, REQUEST.size):
+        stdin, stdout = (
+            sys.stdin.buffer,
+            sys.stdout.buffer,
+        )  # buffered: read(n) is short at EOF only
+        while len(header := stdin.read(REQUEST.size)) == REQUEST.size:
             (size,) = REQUEST.unpack(header)
             if size > self._max_bytes:
                 return 2  # the parent checks sizes first: this is a protocol error
-            data = _read_exact(stdin, size) if size else b""
+            data = stdin.read(size)
             if len(data) != size:
                 return 0  # the parent went away mid-request
             code, flags, out, err = self.run(data)
@@ -234,18 +237,6 @@ def _kill(pid: int) -> float:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             kill(pid, signal.SIGKILL)
     return time.monotonic()
-
-
-def _read_exact(stream: object, size: int) -> bytes:
-    read = stream.read  # type: ignore[attr-defined]
-    parts, got = [], 0
-    while got < size:
-        part = read(size - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
 
 
 def _function(spec: str) -> ChildFunction:

@@ -20,14 +20,8 @@ from backend.rag.chunking import Chunker
 from backend.rag.document import DocumentStatus, ParsedDocument
 from backend.rag.embedding import FlagEmbedder
 from backend.rag.fulltext import FullText
-from backend.rag.ingest import (
-    DEAD_LETTER_CODE,
-    DEAD_LETTER_MESSAGE,
-    IngestWorker,
-    MatcherProvider,
-    Outcome,
-    Parser,
-)
+from backend.rag.indexer import MatcherProvider, Parser
+from backend.rag.ingest import DEAD_LETTER_CODE, DEAD_LETTER_MESSAGE, IngestWorker, Outcome
 from backend.rag.jobs import JobQueue
 from backend.rag.parsing import detect_format
 from backend.rag.records import Claim, DocumentRecord, KnowledgeBase

@@ -135,9 +135,17 @@ def test_inserted_symbols_keep_a_beginning_held(matcher: Matcher) -> None:
     assert guard.feed("-").text == "枪" + "-" * (MAX_GAP + 1)  # too far apart to be one word
 
 
-def test_a_slow_stream_is_released_by_time(matcher: Matcher) -> None:
+def test_the_first_delta_is_scanned_at_once(matcher: Matcher) -> None:
     now = [0.0]
     guard = StreamGuard(matcher, batch_chars=16, max_delay_s=0.05, clock=lambda: now[0])
-    assert guard.feed("今天").text == ""  # under the batch, and no time has passed: gathered
+    assert guard.feed("今天").text == "今天"  # nothing scanned yet: no reason to wait
+
+
+def test_a_burst_is_gathered_until_time_passes(matcher: Matcher) -> None:
+    now = [0.0]
+    guard = StreamGuard(matcher, batch_chars=16, max_delay_s=0.05, clock=lambda: now[0])
+    guard.feed("今天")
+    now[0] = 0.01
+    assert guard.feed("天气").text == ""  # 10 ms after the last scan, under the batch: gathered
     now[0] = 0.06
-    assert guard.feed("天气").text == "今天天气"  # 60 ms since the last scan: scanned, released
+    assert guard.feed("很好").text == "天气很好"  # 50 ms since the last scan: scanned, released

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -15,7 +16,7 @@ import pytest_asyncio
 
 from backend.config import LLMSettings
 from backend.errors import EngineRejected, EngineTimeout, EngineUnavailable, TimeoutPhase
-from backend.serving.engine import ChatRequest, Message, OpenAIEngine, Timeouts
+from backend.serving.engine import ChatRequest, Message, OpenAIEngine, Timeouts, _contents
 from tests.fixtures.engines import FakeEngineHandle, free_port
 
 HELLO = ChatRequest(messages=(Message("user", "你好"),))
@@ -292,3 +293,40 @@ async def test_llama_sees_disconnect(
             break
         await asyncio.sleep(0.01)
     assert "Disconnected from client" in log_path.read_text(errors="replace")
+
+
+async def _lines(*lines: str) -> AsyncIterator[str]:
+    for line in lines:
+        yield line
+
+
+async def _read(*lines: str) -> list[str]:
+    return [delta async for delta in _contents(_lines(*lines))]
+
+
+def _chunk(text: str) -> str:
+    return "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]})
+
+
+async def test_event_stream_yields_each_content_until_done() -> None:
+    lines = [_chunk("你"), "", ": ping", "", _chunk("好"), "", "data: [DONE]", "", _chunk("x")]
+    assert await _read(*lines) == ["你", "好"]
+
+
+async def test_event_stream_chunk_without_text_is_empty() -> None:
+    assert await _read('data: {"choices": [], "usage": {"prompt_tokens": 3}}', "") == [""]
+
+
+async def test_event_stream_error_event_is_unavailable() -> None:
+    with pytest.raises(EngineUnavailable, match="overloaded"):
+        await _read("event: error", 'data: {"message": "overloaded"}', "")
+
+
+async def test_event_stream_error_object_is_unavailable() -> None:
+    with pytest.raises(EngineUnavailable, match="boom"):
+        await _read(_chunk("你"), "", 'data: {"error": {"message": "boom"}}', "")
+
+
+async def test_event_stream_malformed_chunk_is_unavailable() -> None:
+    with pytest.raises(EngineUnavailable, match="not JSON"):
+        await _read("data: {not json", "")

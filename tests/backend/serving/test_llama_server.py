@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from llama_cpp import Llama
 from llama_cpp.llama import LlamaState
+from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 from backend.serving.llama_server import BoundedRAMCache, LeanLlama
 
@@ -61,6 +62,67 @@ def test_turn_by_turn_traffic_keeps_every_conversation_that_fits() -> None:
     assert len(cache.cache_state) == 3
 
 
+IM_START = 0
+"""The turn-start token in the fake chat keys below."""
+SYSTEM, QUESTION, OTHER_QUESTION = (1, 2), (3, 4), (5, 6)
+
+
+def chat(*messages: tuple[int, ...]) -> tuple[int, ...]:
+    """A ChatML-like key: each message opens with IM_START."""
+    return tuple(token for message in messages for token in (IM_START, *message))
+
+
+def test_a_reply_that_re_tokenizes_differently_is_replaced() -> None:
+    cache = BoundedRAMCache(capacity_bytes=10**9, turn_start=IM_START)
+    cache[chat(SYSTEM, QUESTION, (7, 8, 9))] = state(9, kv_bytes=10, vocab=10)  # generated reply
+    turn_2 = chat(SYSTEM, QUESTION, (7, 89), (10,), (11,))  # the reply's text re-tokenized
+    cache[turn_2] = state(len(turn_2), kv_bytes=10, vocab=10)
+    assert list(cache.cache_state) == [turn_2]
+
+
+def test_a_warm_up_state_is_replaced_by_the_first_turn() -> None:
+    cache = BoundedRAMCache(capacity_bytes=10**9, turn_start=IM_START)
+    cache[chat(SYSTEM, (7,))] = state(5, kv_bytes=10, vocab=10)  # system prompt, one token
+    first_turn = chat(SYSTEM, QUESTION, (8, 9))
+    cache[first_turn] = state(len(first_turn), kv_bytes=10, vocab=10)
+    assert list(cache.cache_state) == [first_turn]
+
+
+def test_another_conversation_with_the_same_system_prompt_is_kept() -> None:
+    cache = BoundedRAMCache(capacity_bytes=10**9, turn_start=IM_START)
+    other = chat(SYSTEM, OTHER_QUESTION, (7,), (10,), (11, 12))
+    cache[other] = state(len(other), kv_bytes=10, vocab=10)
+    cache[chat(SYSTEM, QUESTION, (7,))] = state(7, kv_bytes=10, vocab=10)
+    assert other in cache.cache_state
+
+
+def test_a_longer_history_branched_off_earlier_is_kept() -> None:
+    cache = BoundedRAMCache(capacity_bytes=10**9, turn_start=IM_START)
+    old = chat(SYSTEM, QUESTION, (7,), (10,), (11, 12, 13))
+    cache[old] = state(len(old), kv_bytes=10, vocab=10)
+    edited = chat(SYSTEM, OTHER_QUESTION, (8,))  # the first question edited, answered anew
+    cache[edited] = state(len(edited), kv_bytes=10, vocab=10)
+    assert old in cache.cache_state
+
+
+def test_a_branch_right_before_the_reply_is_kept() -> None:
+    """Agreeing on every token before the reply's IM_START is not enough: the new key must open
+    a message there too (here the question was edited by appending to it)."""
+    cache = BoundedRAMCache(capacity_bytes=10**9, turn_start=IM_START)
+    old = chat(SYSTEM, QUESTION, (7,))
+    cache[old] = state(len(old), kv_bytes=10, vocab=10)
+    cache[chat(SYSTEM, (*QUESTION, 9), (7,))] = state(8, kv_bytes=10, vocab=10)
+    assert old in cache.cache_state
+
+
+def test_without_turn_start_only_prefixes_are_replaced() -> None:
+    cache = BoundedRAMCache(capacity_bytes=10**9)
+    cache[chat(SYSTEM, QUESTION, (7, 8, 9))] = state(9, kv_bytes=10, vocab=10)
+    turn_2 = chat(SYSTEM, QUESTION, (7, 89), (10,), (11,))
+    cache[turn_2] = state(len(turn_2), kv_bytes=10, vocab=10)
+    assert len(cache.cache_state) == 2
+
+
 def test_longest_prefix_still_found() -> None:
     cache = BoundedRAMCache(capacity_bytes=10**9)
     cache[(1, 2, 3)] = state(3, kv_bytes=10, vocab=10)
@@ -114,3 +176,29 @@ def test_cache_entries_are_small(lean: LeanLlama) -> None:
     cache = lean.cache
     assert isinstance(cache, BoundedRAMCache)
     assert all(state.scores.nbytes == 0 for state in cache.cache_state.values())
+
+
+def test_set_cache_finds_the_turn_start(lean: LeanLlama) -> None:
+    cache = lean.cache
+    assert isinstance(cache, BoundedRAMCache) and cache.turn_start is not None
+    assert lean.detokenize([cache.turn_start], special=True) == b"<|im_start|>"
+
+
+def test_a_chat_keeps_one_state(tiny_gguf: Path) -> None:
+    """With this seed the tiny model's replies re-tokenize differently in the next prompt, so
+    without the turn rule the cache would hold one state per turn."""
+    model = LeanLlama(model_path=str(tiny_gguf), n_ctx=512, n_threads=1, verbose=False, seed=1)
+    try:
+        cache = BoundedRAMCache(capacity_bytes=64 << 20)
+        model.set_cache(cache)
+        messages: list[ChatCompletionRequestMessage] = [
+            {"role": "system", "content": "你是一个助手。"}
+        ]
+        for question in ("你好，请介绍一下你自己。", "今天天气怎么样？", "还有呢？"):
+            messages.append({"role": "user", "content": question})
+            out = model.create_chat_completion(messages, max_tokens=12, temperature=1.0, seed=3)
+            reply = str(out["choices"][0]["message"]["content"])  # type: ignore[index]
+            messages.append({"role": "assistant", "content": reply})
+    finally:
+        model.close()
+    assert len(cache.cache_state) == 1

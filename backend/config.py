@@ -151,7 +151,7 @@ class GuardSettings(BaseModel):
         16, description="characters the answer filter gathers before it scans and releases text"
     )
     stream_max_delay_ms: float = Field(
-        20.0, description="... or milliseconds since its last scan, whichever comes first"
+        5.0, description="... or milliseconds since its last scan, whichever comes first"
     )
     link_hosts: list[str] = Field(
         default_factory=list,
@@ -284,6 +284,13 @@ class UISettings(BaseModel):
         ge=0,
         description="on SIGTERM, seconds running answers may take to finish before chat_ui "
         "stops (new messages are refused meanwhile)",
+    )
+    smooth_stream_ms: float = Field(
+        100.0,
+        ge=0,
+        description="answer text is shown evenly, up to one token interval (at most this many "
+        "ms) behind the engine, so text the guard held back does not stutter; 0: shown as "
+        "released",
     )
 
 

@@ -31,6 +31,7 @@ from backend.chat.events import (
 )
 from backend.chat.grounding import Knowledge
 from backend.chat.history import History
+from backend.chat.pacing import paced
 from backend.chat.pipeline import Turn
 from backend.config import exported_login
 from backend.errors import AuthError, QwenStackError, RateLimited
@@ -313,7 +314,9 @@ async def _message(message: cl.Message) -> None:
     queue_note: cl.Message | None = None
     done: Done | None = None
     try:
-        async for event in runtime.current().pipeline.answer(turn):
+        current = runtime.current()
+        smooth_s = current.settings.ui.smooth_stream_ms / 1000
+        async for event in paced(current.pipeline.answer(turn), max_delay_s=smooth_s):
             if isinstance(event, Token):
                 await reply.stream_token(event.text)
             elif isinstance(event, Queued):

@@ -65,7 +65,11 @@ class Cited:
 
 @dataclass(frozen=True)
 class Token:
+    """Answer text. `arrived`: when it came from the engine (`time.monotonic`), if it did; the
+    guard may have held it back since (`backend/chat/pacing.py` evens the spacing out)."""
+
     text: str
+    arrived: float | None = None
 
 
 @dataclass(frozen=True)

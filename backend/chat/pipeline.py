@@ -89,7 +89,7 @@ class PipelineConfig:
     top_k: int = 5  # chunks a knowledge-base answer is given at Tier.NORMAL
     canary: str | None = None  # in the system prompt; an answer repeating it is stopped
     stream_batch_chars: int = 16  # the answer guard scans once this many chars wait ...
-    stream_max_delay_s: float = 0.02  # ... or this long after its last scan
+    stream_max_delay_s: float = 0.005  # ... or this long after its last scan
     link_hosts: tuple[str, ...] = ()  # hosts answers may link to (GuardSettings.link_hosts)
 
 
@@ -392,7 +392,7 @@ class ChatPipeline:
                 async for release in releases:
                     if release.text:
                         parts.append(release.text)
-                        yield Token(release.text)
+                        yield Token(release.text, arrived=release.arrived)
                     if release.blocked is not None:
                         blocked = True
                         trail.verdict("output", (hit.category for hit in release.blocked.hits))

@@ -8,7 +8,8 @@
     await logins.check(name, ip=ip); ...; await logins.failed(name, ip=ip) / succeeded(name)
 
 Four limits, each one Lua script, atomic on the Redis server, with time read by `TIME` inside the
-script (never a caller's clock), so any number of processes share them exactly:
+script (never a caller's clock), so any number of processes share them exactly (`admit` runs the
+three chat checks as one script, one round trip before every answer):
 
     <prefix>bucket:<user>     HASH  tokens, ts      token bucket: `message_burst` deep, refilled at
                                                     `messages_per_minute`; one token per message
@@ -112,6 +113,28 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """
 
+# KEYS: model-token bucket, message bucket, inflight. ARGV: token rate, token burst, message rate,
+# message burst, request id, concurrent limit, ttl ms. The three checks of `admit` in its order, in
+# one round trip (each script above as a function of its own KEYS and ARGV). Returns {kind,
+# retry seconds}: kind '' when admitted, else the limit that refused.
+_ADMIT = f"""
+local function look(KEYS, ARGV)
+{_TOKENS}
+end
+local function take(KEYS, ARGV)
+{_BUCKET}
+end
+local function enter(KEYS, ARGV)
+{_ENTER}
+end
+local level = look({{KEYS[1]}}, {{ARGV[1], ARGV[2], 0}})
+if tonumber(level[1]) <= 0 then return {{'tokens', level[2]}} end
+local message = take({{KEYS[2]}}, {{ARGV[3], ARGV[4], 1}})
+if message[1] == 0 then return {{'messages', message[2]}} end
+if enter({{KEYS[3]}}, {{ARGV[5], ARGV[6], ARGV[7]}}) == 0 then return {{'concurrency', '0'}} end
+return {{'', '0'}}
+"""
+
 # KEYS: login counters. ARGV: their limits. Returns the ms until all are under their limits.
 _LOGIN_CHECK = """
 local wait = 0
@@ -204,10 +227,11 @@ class RateLimiter(_Limits):
         self._bucket = client.register_script(_BUCKET)
         self._tokens = client.register_script(_TOKENS)
         self._enter = client.register_script(_ENTER)
+        self._admit = client.register_script(_ADMIT)
 
     async def take(self, user: str) -> Decision:
         """Take one message token from the user's bucket. Raises RedisUnavailable."""
-        key = f"{self._prefix}bucket:{_tag(user)}"
+        key = self._key("bucket", user)
         try:
             reply: Any = await self._bucket(keys=[key], args=[self._rate, self._burst, 1])
         except RedisError as exc:
@@ -226,7 +250,7 @@ class RateLimiter(_Limits):
         zero; the balance after. Raises ValueError for a negative count, RedisUnavailable."""
         if tokens < 0:
             raise ValueError("cannot spend a negative number of tokens")
-        key = f"{self._prefix}tokens:{_tag(user)}"
+        key = self._key("tokens", user)
         try:
             reply: Any = await self._tokens(
                 keys=[key], args=[self._token_rate, self._token_burst, tokens]
@@ -259,9 +283,37 @@ class RateLimiter(_Limits):
         """Hold one of the user's concurrent-answer places while the body runs, renewing it every
         third of the TTL. Raises RateLimited (kind `concurrency`) when all are held,
         RedisUnavailable. Release failures are only logged: the place expires by itself."""
-        key = f"{self._prefix}inflight:{_tag(user)}"
+        key = self._key("inflight", user)
         if not await self._take_place(key, request_id):
             raise self._refuse(LimitKind.CONCURRENCY, CONCURRENCY_RETRY_S)
+        async with self._holding(key, request_id):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def admit(self, user: str, *, request_id: str) -> AsyncIterator[None]:
+        """One message: the model-token bucket must be above zero (nothing is spent when it is
+        not), then a message token from its bucket (spent even when the concurrency cap then
+        refuses), then a concurrent-answer place held for the body -- `check_tokens`,
+        `check_message` and `answering` in one script, one round trip. The caller charges the
+        answer's tokens afterwards (`charge`). Raises RateLimited, RedisUnavailable."""
+        keys = [self._key(name, user) for name in ("tokens", "bucket", "inflight")]
+        args: list[str | int | float] = [self._token_rate, self._token_burst, self._rate, self._burst,
+                request_id, self._concurrent, self._ttl_ms]  # fmt: skip
+        try:
+            reply: Any = await self._admit(keys=keys, args=args)
+        except RedisError as exc:
+            raise RedisUnavailable("rate limit check failed") from exc
+        refused, retry = (part.decode() if isinstance(part, bytes) else str(part) for part in reply)
+        if refused:
+            kind = LimitKind(refused)
+            wait = CONCURRENCY_RETRY_S if kind is LimitKind.CONCURRENCY else float(retry)
+            raise self._refuse(kind, wait)
+        async with self._holding(keys[2], request_id):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, key: str, request_id: str) -> AsyncIterator[None]:
+        """The body runs holding the place taken: renewed every third of the TTL, released after."""
         renewer = asyncio.create_task(self._renew(key, request_id))
         try:
             yield
@@ -274,20 +326,12 @@ class RateLimiter(_Limits):
             except RedisError as exc:
                 logger.warning("concurrent-answer place not released (it expires): %s", exc)
 
-    @contextlib.asynccontextmanager
-    async def admit(self, user: str, *, request_id: str) -> AsyncIterator[None]:
-        """One message: the model-token bucket must be above zero (nothing is spent when it is
-        not), then a message token from its bucket (spent even when the concurrency cap then
-        refuses), then a concurrent-answer place held for the body. The caller charges the
-        answer's tokens afterwards (`charge`). Raises RateLimited, RedisUnavailable."""
-        await self.check_tokens(user)
-        await self.check_message(user)
-        async with self.answering(user, request_id=request_id):
-            yield
+    def _key(self, name: str, user: str) -> str:
+        return f"{self._prefix}{name}:{_tag(user)}"
 
     async def in_flight(self, user: str) -> int:
         """The user's live concurrent-answer places (expired ones are not counted)."""
-        key = f"{self._prefix}inflight:{_tag(user)}"
+        key = self._key("inflight", user)
         try:
             now_s, now_us = await self._redis.time()
             return int(await self._redis.zcount(key, f"({now_s * 1000 + now_us // 1000}", "+inf"))

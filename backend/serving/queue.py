@@ -90,6 +90,22 @@ return {redis.call('ZRANK', KEYS[1], ARGV[2]), redis.call('ZCARD', KEYS[1]), red
 # KEYS: line, beats. ARGV: stale_ms. Returns the number of live entries.
 _DEPTH = _NOW + _PRUNE + "return redis.call('ZCARD', KEYS[1])\n"
 
+# KEYS: slot expiry, slot owner, line, beats. ARGV: stale_ms, then the slot acquire script's ARGV.
+# The way in for a request, in one round trip: renew the session's lease, or -- only when nobody
+# waits in line (after dropping dead waiters) -- take a free slot. Reply: the acquire script's.
+_SEAT = f"""
+local function waiting(KEYS, ARGV)
+{_DEPTH}
+end
+local function acquire(KEYS, ARGV)
+{SlotTable.ACQUIRE}
+end
+local args = {{}}
+for i = 2, #ARGV do args[i - 1] = ARGV[i] end
+if waiting({{KEYS[3], KEYS[4]}}, {{ARGV[1]}}) > 0 then args[4] = '1' end
+return acquire({{KEYS[1], KEYS[2]}}, args)
+"""
+
 # KEYS: turn_s. ARGV: seconds, alpha.
 _RECORD_TURN = """
 local average = tonumber(redis.call('GET', KEYS[1]))
@@ -143,6 +159,7 @@ class WaitQueue:
         self._standing = client.register_script(_STANDING)
         self._depth = client.register_script(_DEPTH)
         self._record_turn = client.register_script(_RECORD_TURN)
+        self._seat = client.register_script(_SEAT)
 
     async def line(
         self,
@@ -155,6 +172,10 @@ class WaitQueue:
     ) -> AsyncGenerator[Position | Lease, None]:
         """`wait_for_slot` as a stream: each new Position while waiting, then the Lease. Raises
         what `wait_for_slot` raises; closing the stream leaves the line."""
+        lease = await self.seat(session_id, slots=slots, replicas=replicas())
+        if lease is not None:  # the common case, without a waiter task
+            yield lease
+            return
         positions: asyncio.Queue[Position] = asyncio.Queue()
 
         async def report(position: Position) -> None:
@@ -194,10 +215,10 @@ class WaitQueue:
         """Wait in line until `slots` grants the session a lease; the way in for every request.
 
         A lease alive on a healthy replica is renewed at once, without queueing (the session
-        already holds its slot). Otherwise the request joins the line and, on each poll, takes a
+        already holds its slot), and with nobody waiting a free slot is taken at once (`seat`,
+        one round trip). Otherwise the request joins the line and, on each poll, takes a
         slot if its rank is below the number of free slots on `replicas()` (called on every poll:
-        the currently healthy replicas, in order of preference). With nobody waiting and a slot
-        free, that happens on the first poll, with no sleep. (Calling `SlotTable.acquire` directly
+        the currently healthy replicas, in order of preference). (Calling `SlotTable.acquire` directly
         while others wait lets a newcomer take a slot the head of the line was due.)
 
         `on_position` is awaited whenever the request is still waiting and its Position differs
@@ -210,7 +231,7 @@ class WaitQueue:
         `budget_s` seconds (the event loop's monotonic clock) pass without a slot, and
         RedisUnavailable. Every exit, cancellation included, removes the entry from the line.
         """
-        lease = await slots.renew(session_id, replicas=replicas())
+        lease = await self.seat(session_id, slots=slots, replicas=replicas())
         if lease is not None:
             return lease
         loop = asyncio.get_running_loop()
@@ -241,6 +262,26 @@ class WaitQueue:
         finally:
             # Shielded so a second cancellation cannot cut the removal short.
             await asyncio.shield(self._leave(entry))
+
+    async def seat(
+        self, session_id: str, *, slots: SlotTable, replicas: Sequence[str]
+    ) -> Lease | None:
+        """Renew the session's lease alive on one of `replicas`, or, when nobody waits in line,
+        pin it to the least-loaded of them with a free slot (`SlotTable.acquire`'s rules); None
+        otherwise, changing nothing. One script: nobody can join the line in between, so this
+        never jumps it. Raises RedisUnavailable."""
+        if not replicas:
+            return None
+        keys = [*slots.keys, *self._line_keys]
+        args = [
+            self._stale_ms,
+            *slots.acquire_args(session_id, replicas=replicas, renew_only=False),
+        ]
+        try:
+            reply: Any = await self._seat(keys=keys, args=args)
+        except RedisError as exc:
+            raise RedisUnavailable("slot acquire failed") from exc
+        return slots.lease_from(session_id, reply)
 
     async def record_turn(self, seconds: float) -> None:
         """Feed one turn's duration (seconds a slot was busy answering) into the wait estimate.

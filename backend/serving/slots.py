@@ -47,7 +47,8 @@ end
 """
 
 # KEYS: expiry, owner. ARGV: session, ttl_ms, capacity, renew_only (0/1), replica...
-# Returns {replica, expires_ms, new (0/1)} or false.
+# Returns {replica, expires_ms, new (0/1)} or false. (The wait queue runs it inside a script of
+# its own too: `SlotTable.ACQUIRE`.)
 _ACQUIRE = (
     _PRUNE
     + """
@@ -114,6 +115,10 @@ class SlotTable:
     after its last acquire. Every method raises RedisUnavailable when Redis cannot be reached.
     """
 
+    ACQUIRE = _ACQUIRE
+    """The acquire script (KEYS `keys`, ARGV `acquire_args`; reply for `lease_from`), for scripts
+    that take a slot together with other checks in one round trip."""
+
     def __init__(
         self, client: aioredis.Redis, *, capacity: int, ttl_s: int, prefix: str = "qs:slots:"
     ) -> None:
@@ -172,17 +177,20 @@ class SlotTable:
             raise RedisUnavailable("slot occupancy read failed") from exc
         return {replica: int(count) for replica, count in zip(replicas, counts, strict=True)}
 
-    async def _call_acquire(
+    @property
+    def keys(self) -> list[str]:
+        """The table's Redis keys, in the order its scripts take them."""
+        return list(self._keys)
+
+    def acquire_args(
         self, session_id: str, *, replicas: Sequence[str], renew_only: bool
-    ) -> Lease | None:
-        if not replicas:
-            return None
-        head: list[str | int] = [session_id, self._ttl_ms, self._capacity, int(renew_only)]
-        args = [*head, *replicas]
-        try:
-            reply: Any = await self._acquire(keys=self._keys, args=args)
-        except RedisError as exc:
-            raise RedisUnavailable("slot acquire failed") from exc
+    ) -> list[str | int]:
+        """ARGV of the acquire script for this call."""
+        return [session_id, self._ttl_ms, self._capacity, int(renew_only), *replicas]
+
+    @staticmethod
+    def lease_from(session_id: str, reply: Any) -> Lease | None:
+        """The Lease in an acquire script's reply (None: no slot)."""
         if reply is None:
             return None
         replica, expires_ms, new = reply
@@ -192,3 +200,15 @@ class SlotTable:
             expires_at=int(expires_ms) / 1000,
             new=bool(int(new)),
         )
+
+    async def _call_acquire(
+        self, session_id: str, *, replicas: Sequence[str], renew_only: bool
+    ) -> Lease | None:
+        if not replicas:
+            return None
+        args = self.acquire_args(session_id, replicas=replicas, renew_only=renew_only)
+        try:
+            reply: Any = await self._acquire(keys=self._keys, args=args)
+        except RedisError as exc:
+            raise RedisUnavailable("slot acquire failed") from exc
+        return self.lease_from(session_id, reply)

@@ -168,8 +168,10 @@ async def test_queue_timeout(fake_engine: FakeEngineHandle, make: Make, database
 
 
 async def test_queue_full(fake_engine: FakeEngineHandle, make: Make, database: str) -> None:
-    await ask(make([fake_engine.base_url], max_depth=0).pipeline)  # no room to wait at all
-    assert [rec["outcome"] for rec in await records(database)] == ["queue_full"]
+    stack = make([fake_engine.base_url], capacity=1, max_depth=0)  # no room to wait at all
+    await ask(stack.pipeline, thread="holder", user="bob")
+    await ask(stack.pipeline, thread="late")
+    assert [rec["outcome"] for rec in await records(database)] == ["answered", "queue_full"]
 
 
 async def test_engine_timeout(fake_engine: FakeEngineHandle, make: Make, database: str) -> None:

@@ -162,6 +162,25 @@ async def test_newcomer_does_not_jump_line(redis_client: aioredis.Redis, spawn: 
     assert (await waiter).session_id == "waiter"
 
 
+async def test_seat_takes_a_free_slot_when_nobody_waits(redis_client: aioredis.Redis) -> None:
+    slots = SlotTable(redis_client, capacity=1, ttl_s=120)
+    lease = await line(redis_client).seat("s1", slots=slots, replicas=[A])
+    assert lease is not None and (lease.replica, lease.new) == (A, True)
+
+
+async def test_seat_leaves_a_free_slot_to_the_line(
+    redis_client: aioredis.Redis, spawn: Spawn
+) -> None:
+    # the waiter polls once, then sleeps 5 s: it is still in line when the slots free up
+    queue = WaitQueue(redis_client, max_depth=10, heartbeat_s=5, poll_s=5)
+    slots, recorder = await full_table(redis_client, capacity=2), Recorder()
+    spawn(wait(queue, "waiter", slots, on_position=recorder))
+    await recorder.until(lambda p: p.position == 1)
+    await slots.release("holder-0")
+    await slots.release("holder-1")  # two free, one waiter: the newcomer still may not take one
+    assert await queue.seat("newcomer", slots=slots, replicas=[A]) is None
+
+
 async def test_eta_from_turn_average(redis_client: aioredis.Redis, spawn: Spawn) -> None:
     queue, slots = line(redis_client), await full_table(redis_client, capacity=2)
     await queue.record_turn(10.0)

@@ -7,7 +7,7 @@ the text out a little behind the engine instead: each piece is shown at the time
 from the engine (`Token.arrived`) plus a playout delay, and a held piece, released one interval
 late, lands on its own slot. The delay is the stream's own token interval (an average of the
 gaps between arrivals, capped by `max_delay_s`), reached step by step over the first tokens so
-that no gap grows by more than a quarter interval while it builds; the first text is never
+that no gap grows by more than an eighth of an interval while it builds; the first text is never
 delayed. Only the spacing changes: events keep their order, and nothing is shown before the
 guard released it.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from backend.chat.events import Event, Token
 
-RAMP_STEPS = 4  # tokens over which the playout delay grows to one interval
+RAMP_STEPS = 8  # tokens over which the playout delay grows to one interval
 SMOOTHING = 0.2  # weight of the newest gap in the running interval
 LONGEST_GAP_S = 0.5  # gaps above this (a pause, not the token pace) do not set the interval
 

@@ -5,13 +5,20 @@ lists and resumes the user's threads. Step fields we do not query on are kept in
 Chainlit authorises a resume by comparing `userIdentifier` of `get_thread` with the logged-in user;
 `list_threads` is always filtered by the user id Chainlit passes. Threads are never shared: Chainlit's
 share endpoints ignore `allow_thread_sharing = false`, so the share flag is neither stored nor
-returned, and `/project/share/{id}` finds no thread shared.
+returned, and `/project/share/{id}` finds no thread shared. Chainlit's feedback endpoints check no
+ownership either: feedback is written or deleted only for a step of a thread of `ACTING_USER` (the
+logged-in user of the HTTP request, set by `remember_user`); anything else raises
+FeedbackRefused.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chainlit.data.base import BaseDataLayer
@@ -49,7 +56,34 @@ _STEP_COLUMNS = {
     "feedback",
 }
 
-_SHARING_KEYS = ("is_shared", "shared_at")  # Chainlit's thread-sharing metadata, never kept
+ACTING_USER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "acting_user", default=None
+)
+"""Identifier of the user an HTTP request to Chainlit was authenticated as (`remember_user`)."""
+
+
+class FeedbackRefused(PermissionError):
+    """Feedback on a message that is not in one of the acting user's threads."""
+
+
+def remember_user(
+    get_current_user: Callable[..., Awaitable[Any]],
+) -> Callable[..., Awaitable[Any]]:
+    """Chainlit's `get_current_user` dependency, also setting ACTING_USER for the request (install
+    as a dependency override; FastAPI reads the parameters from the copied signature)."""
+
+    @functools.wraps(get_current_user)
+    async def current_user(*args: Any, **kwargs: Any) -> Any:
+        user = await get_current_user(*args, **kwargs)
+        ACTING_USER.set(getattr(user, "identifier", None))
+        return user
+
+    current_user.__signature__ = inspect.signature(get_current_user)  # type: ignore[attr-defined]
+    return current_user
+
+
+_SHARING_KEYS = ("is_shared", "shared_at")
+_FEEDBACK_THREAD = "SELECT s.thread_id FROM feedbacks f JOIN steps s ON s.id = f.step_id WHERE f.id = %s"  # Chainlit's thread-sharing metadata, never kept
 
 _THREAD_SQL = """
 SELECT t.id, t.name, t.tags, t.metadata, t.created_at, t.user_id, u.identifier
@@ -235,8 +269,14 @@ class PostgresDataLayer(BaseDataLayer):
 
     # feedback ----------------------------------------------------------------
     async def upsert_feedback(self, feedback: Feedback) -> str:
+        """Raises FeedbackRefused unless the step, and the feedback being replaced if any, are in
+        a thread of the acting user."""
         feedback_id = feedback.id or feedback.forId
         async with self._pool.connection() as conn:
+            await self._check_owner(
+                conn, "SELECT thread_id FROM steps WHERE id = %s", feedback.forId
+            )
+            await self._check_owner(conn, _FEEDBACK_THREAD, feedback_id, missing_ok=True)
             await conn.execute(
                 "INSERT INTO feedbacks (id, step_id, value, comment) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value,"
@@ -246,9 +286,23 @@ class PostgresDataLayer(BaseDataLayer):
         return str(feedback_id)
 
     async def delete_feedback(self, feedback_id: str) -> bool:
+        """Raises FeedbackRefused unless the feedback is in a thread of the acting user (or does
+        not exist: False)."""
         async with self._pool.connection() as conn:
+            await self._check_owner(conn, _FEEDBACK_THREAD, feedback_id, missing_ok=True)
             cur = await conn.execute("DELETE FROM feedbacks WHERE id = %s", (feedback_id,))
         return cur.rowcount > 0
+
+    async def _check_owner(
+        self, conn: Any, thread_of: str, key: str, *, missing_ok: bool = False
+    ) -> None:
+        """The thread `thread_of` finds for `key` must belong to ACTING_USER."""
+        acting = ACTING_USER.get()
+        row = await (await conn.execute(thread_of, (key,))).fetchone()
+        if row is None and missing_ok:
+            return
+        if acting is None or row is None or await self.get_thread_author(row[0]) != acting:
+            raise FeedbackRefused("feedback only on your own messages")
 
     # elements: not persisted (no file attachments in chat yet) ------------------
     async def create_element(self, element: Any) -> None:

@@ -38,12 +38,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     export_chainlit_env(settings, app_root=APP_ROOT)
 
     # Chainlit reads its config at import, so it is imported only after the environment is set.
+    from chainlit.auth import get_current_user
     from chainlit.config import config as chainlit_config
+    from chainlit.server import app as chainlit_app
     from chainlit.utils import mount_chainlit
+
+    from chat_ui.data_layer import remember_user
 
     chainlit_config.project.allow_origins = list(settings.ui.allow_origins)
     chainlit_config.ui.language = None if settings.ui.language == "auto" else settings.ui.language
     chainlit_config.run.headless = True
+    # Chainlit's feedback endpoints check no ownership; the data layer does, for this user.
+    chainlit_app.dependency_overrides[get_current_user] = remember_user(get_current_user)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

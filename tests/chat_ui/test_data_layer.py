@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ with warnings.catch_warnings():
     from chainlit.types import Feedback, Pagination, ThreadFilter
     from chainlit.user import User
 
-    from chat_ui.data_layer import PostgresDataLayer
+    from chat_ui.data_layer import ACTING_USER, FeedbackRefused, PostgresDataLayer
 
 PASSWORD = "correct horse"
 
@@ -197,14 +197,26 @@ async def _feedback_of(layer: PostgresDataLayer, thread_id: str) -> Any:
     return thread["steps"][0].get("feedback")
 
 
-async def test_feedback_is_stored(layer: PostgresDataLayer, alice: StoredUser) -> None:
+@pytest.fixture
+def acting(alice: StoredUser) -> Iterator[None]:
+    """Feedback calls run as alice, as Chainlit's HTTP endpoints would after her login."""
+    token = ACTING_USER.set(alice.identifier)
+    yield
+    ACTING_USER.reset(token)
+
+
+async def test_feedback_is_stored(
+    layer: PostgresDataLayer, alice: StoredUser, acting: None
+) -> None:
     await _thread_with_step(layer, "t1", alice)
     feedback_id = await layer.upsert_feedback(Feedback(forId="t1-step", value=1, comment="好"))
     feedback = await _feedback_of(layer, "t1")
     assert (feedback["id"], feedback["value"], feedback["comment"]) == (feedback_id, 1, "好")
 
 
-async def test_feedback_upsert_replaces(layer: PostgresDataLayer, alice: StoredUser) -> None:
+async def test_feedback_upsert_replaces(
+    layer: PostgresDataLayer, alice: StoredUser, acting: None
+) -> None:
     await _thread_with_step(layer, "t1", alice)
     feedback_id = await layer.upsert_feedback(Feedback(forId="t1-step", value=1))
     await layer.upsert_feedback(Feedback(id=feedback_id, forId="t1-step", value=0, comment="差"))
@@ -212,11 +224,50 @@ async def test_feedback_upsert_replaces(layer: PostgresDataLayer, alice: StoredU
     assert (feedback["value"], feedback["comment"]) == (0, "差")
 
 
-async def test_delete_feedback(layer: PostgresDataLayer, alice: StoredUser) -> None:
+async def test_delete_feedback(layer: PostgresDataLayer, alice: StoredUser, acting: None) -> None:
     await _thread_with_step(layer, "t1", alice)
     feedback_id = await layer.upsert_feedback(Feedback(forId="t1-step", value=1))
     deleted = (await layer.delete_feedback(feedback_id), await layer.delete_feedback(feedback_id))
     assert (deleted, await _feedback_of(layer, "t1")) == ((True, False), None)
+
+
+async def _bob_acting(users: UserStore, layer: PostgresDataLayer) -> None:
+    bob = await users.create("bob", PASSWORD, role=Role.USER)
+    await _thread_with_step(layer, "t2", bob)
+    ACTING_USER.set("bob")
+
+
+async def test_feedback_on_another_users_message_is_refused(
+    layer: PostgresDataLayer, users: UserStore, alice: StoredUser
+) -> None:
+    await _thread_with_step(layer, "t1", alice)
+    await _bob_acting(users, layer)
+    with pytest.raises(FeedbackRefused):
+        await layer.upsert_feedback(Feedback(forId="t1-step", value=0))
+    assert await _feedback_of(layer, "t1") is None
+
+
+async def test_replacing_another_users_feedback_is_refused(
+    layer: PostgresDataLayer, users: UserStore, alice: StoredUser
+) -> None:
+    await _thread_with_step(layer, "t1", alice)
+    token = ACTING_USER.set("alice")
+    feedback_id = await layer.upsert_feedback(Feedback(forId="t1-step", value=1))
+    ACTING_USER.reset(token)
+    await _bob_acting(users, layer)  # bob names alice's feedback id on his own message
+    with pytest.raises(FeedbackRefused):
+        await layer.upsert_feedback(Feedback(id=feedback_id, forId="t2-step", value=0))
+    with pytest.raises(FeedbackRefused):
+        await layer.delete_feedback(feedback_id)
+    assert (await _feedback_of(layer, "t1"))["value"] == 1
+
+
+async def test_feedback_without_a_login_is_refused(
+    layer: PostgresDataLayer, alice: StoredUser
+) -> None:
+    await _thread_with_step(layer, "t1", alice)
+    with pytest.raises(FeedbackRefused):
+        await layer.upsert_feedback(Feedback(forId="t1-step", value=1))
 
 
 async def test_thread_author(layer: PostgresDataLayer, alice: StoredUser) -> None:

@@ -223,6 +223,25 @@ async def test_other_user_cannot_read_list_or_change_a_thread(
     assert mine.status_code == 200 and secret in mine.text and "被改名" not in mine.text
 
 
+async def test_other_user_cannot_give_or_remove_feedback(
+    conversation: Conversation, intruder: httpx.AsyncClient, owner: httpx.AsyncClient
+) -> None:
+    thread, secret = conversation.thread_id, conversation.secret
+    steps = (await owner.get(f"/project/thread/{thread}")).json()["steps"]
+    answer = next(step["id"] for step in steps if step["type"] == "assistant_message")
+    body = {"feedback": {"forId": answer, "value": 0, "comment": "差"}, "sessionId": "x"}
+    forged = await intruder.put("/feedback", json=body)
+    assert forged.status_code >= 400 and not any(m in forged.text for m in (secret, *LEAKS))
+    mine = await owner.put("/feedback", json=body | {"feedback": {"forId": answer, "value": 1}})
+    assert mine.status_code == 200
+    removed = await intruder.request(
+        "DELETE", "/feedback", json={"feedbackId": mine.json()["feedbackId"]}
+    )
+    assert removed.status_code >= 400 and not any(m in removed.text for m in (secret, *LEAKS))
+    kept = (await owner.get(f"/project/thread/{thread}")).json()["steps"]
+    assert [s["feedback"]["value"] for s in kept if s["id"] == answer] == [1]
+
+
 async def test_nobody_reads_a_thread_without_a_login(
     conversation: Conversation, fake_ui: RunningUI
 ) -> None:

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import gc
 import itertools
 import json
 import logging
@@ -378,6 +379,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # audit log, slots, queue, history, shaping) is measured here too.
         rt = await Runtime.start(settings)
         stack.push_async_callback(rt.aclose)
+        gc.collect()  # as chat_ui's server does once its runtime has started
+        gc.freeze()
         ours, ours_no_guard = rt.pipeline, without_guard(rt.pipeline)
         guard: LexiconStore | None = ours._guard
         if guard is None:

@@ -96,6 +96,11 @@ class EngineSettings(BaseModel):
     n_threads: int = Field(0, description="CPU threads; 0: every core")
     n_ctx: int = Field(4096, description="context window in tokens")
     cache_bytes: int = Field(2 << 30, description="RAM prompt cache (KV state of earlier prompts)")
+    flash_attn: bool = Field(
+        True,
+        description="llama.cpp's fused attention (a cached conversation's next turn "
+        "prefills 13-37% faster on CPU, measured)",
+    )
     download_timeout_s: float = Field(10.0, description="connect timeout of a model download")
     hf_endpoint: str = Field(
         "https://huggingface.co", description="Hugging Face endpoint or mirror"

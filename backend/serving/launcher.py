@@ -46,8 +46,11 @@ def engine_command(settings: Settings, model: Path) -> list[str]:
     request that extends an earlier prompt skips most of its prefill. `--logits_all False`: the
     server's default keeps every prompt token's logits (n_vocab floats each, ~600 KiB with Qwen's
     vocabulary), which only logprobs need, and each cached state would carry them (a 1,400-token
-    conversation: ~820 MiB instead of ~17 MiB; backend/serving/llama_server.py).
-    """
+    conversation: ~820 MiB instead of ~17 MiB; backend/serving/llama_server.py). `--flash_attn`
+    (`engine.flash_attn`, on by default): llama.cpp's fused attention kernel. On the 0.5B model,
+    240 new tokens after a cached 1,200-token history (a pinned conversation's next turn) took
+    1.30-1.32 s against 1.49-2.09 s in three runs (one and two threads); a fresh 240-token or a
+    whole 1,440-token prompt cost about the same either way (-22% to +4%)."""
     engine = settings.engine
     threads = str(engine_threads(engine))
     return [
@@ -62,6 +65,7 @@ def engine_command(settings: Settings, model: Path) -> list[str]:
         "--port", str(engine.port),
         "--interrupt_requests", "False",
         "--logits_all", "False",
+        "--flash_attn", str(engine.flash_attn),
         "--cache", "True",
         "--cache_type", "ram",
         "--cache_size", str(engine.cache_bytes),

@@ -88,6 +88,12 @@ def test_command_keeps_no_per_token_logits() -> None:
     assert _flag(engine_command(Settings(), MODEL), "--logits_all") == "False"
 
 
+def test_flash_attention_follows_the_setting() -> None:
+    assert _flag(engine_command(Settings(), MODEL), "--flash_attn") == "True"
+    off = Settings(engine={"flash_attn": False})
+    assert _flag(engine_command(off, MODEL), "--flash_attn") == "False"
+
+
 def test_command_names_model_after_llm_setting() -> None:
     settings = Settings(llm=LLMSettings(model="qwen-tiny"))
     assert _flag(engine_command(settings, MODEL), "--model_alias") == "qwen-tiny"

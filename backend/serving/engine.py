@@ -28,11 +28,11 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import httpx
 import openai
-from openai import NOT_GIVEN, AsyncOpenAI
+from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 
 from backend.config import LLMSettings
@@ -218,9 +218,9 @@ class OpenAIEngine:
     async def _open(self, request: ChatRequest) -> AsyncIterator[httpx.Response]:
         """The streamed response, body unread, closed on exit. Raises openai.APIStatusError.
 
-        Through the client's `post` with a plain JSON body: `chat.completions.create` first runs
-        its typed transform over the arguments, ~0.8 ms of CPU a request, for a body built here
-        already."""
+        Both calls go through the client's `post` with the JSON body `_json` builds:
+        `chat.completions.create` would first run its typed transform over the arguments, ~0.8 ms
+        of CPU a request."""
         body = {**self._json(request), "stream": True}
         response = await self._client.post(
             CHAT_PATH, cast_to=httpx.Response, body=body, stream=True
@@ -244,19 +244,8 @@ class OpenAIEngine:
         return body | self._extras(request)
 
     def _complete(self, request: ChatRequest) -> Awaitable[ChatCompletion]:
-        return self._client.chat.completions.create(**self._arguments(request), stream=False)
-
-    def _arguments(self, request: ChatRequest) -> dict[str, Any]:
-        return {
-            "model": self._model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "presence_penalty": request.presence_penalty,
-            "stop": list(request.stop) if request.stop else NOT_GIVEN,
-            "extra_body": self._extras(request) or None,
-        }
+        body = {**self._json(request), "stream": False}
+        return self._client.post(CHAT_PATH, cast_to=ChatCompletion, body=body)
 
     def _extras(self, request: ChatRequest) -> dict[str, object]:
         extras = request.body_extras()

@@ -85,18 +85,19 @@ async def test_paced_raises_after_the_text_before_the_error() -> None:
     assert seen == [Token("你")]
 
 
+async def _endless(closed: asyncio.Event) -> AsyncGenerator[Event, None]:
+    """A stream that never ends by itself; sets `closed` when it is closed."""
+    try:
+        while True:
+            await asyncio.sleep(0.001)
+            yield Token("字")
+    finally:
+        closed.set()
+
+
 async def test_closing_paced_closes_the_source() -> None:
     closed = asyncio.Event()
-
-    async def endless() -> AsyncGenerator[Event, None]:
-        try:
-            while True:
-                await asyncio.sleep(0.001)
-                yield Token("字")
-        finally:
-            closed.set()
-
-    stream = paced(endless(), max_delay_s=0.05)
+    stream = paced(_endless(closed), max_delay_s=0.05)
     assert isinstance(await anext(stream), Token)
     await stream.aclose()
     assert closed.is_set()
@@ -105,16 +106,8 @@ async def test_closing_paced_closes_the_source() -> None:
 async def test_cancelling_the_consumer_closes_the_source() -> None:
     closed = asyncio.Event()
 
-    async def endless() -> AsyncGenerator[Event, None]:
-        try:
-            while True:
-                await asyncio.sleep(0.001)
-                yield Token("字")
-        finally:
-            closed.set()
-
     async def consume() -> None:
-        async for _ in paced(endless(), max_delay_s=0.05):
+        async for _ in paced(_endless(closed), max_delay_s=0.05):
             pass
 
     task = asyncio.create_task(consume())

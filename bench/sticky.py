@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/sticky.py [--conversations 20] [--turns 6] [--budget-s 900] [--cache-gib 0]
 
-Two llama.cpp replicas as `qwen-stack` starts them (one thread, a --cache-gib RAM prompt cache each,
-6 by default: every conversation fits on both replicas; 0 sizes it to the sessions slots pin to one
-replica, an experiment that so far gave no cache hits in either mode -- see bench/README.md),
-random weights of Qwen2.5-0.5B's shape (Q4_K_M). Conversations grow by a unique ~200-token user
-message and the model's real --max-tokens reply per turn, in waves (turn t of all of them in a
-seeded shuffled arrival order, then t+1); each arrival is routed by `slots` (our SlotTable on an
-embedded Redis) or `round_robin`, and one worker per replica sends its requests one at a time.
+Two llama.cpp replicas as `qwen-stack` starts them (one thread and a RAM prompt cache each: by
+default sized to the sessions slots pin to one replica, --cache-gib to set it), random weights of
+Qwen2.5-0.5B's shape (Q4_K_M). Turns are shaped like LMSYS-Chat-1M's averages: a unique user
+message of ~70 tokens and the model's real 210-token reply, so prompts reach ~1.5k tokens by turn
+6. Turns come in waves (turn t of all conversations in a seeded shuffled arrival order, then t+1);
+each arrival is routed by `slots` (our SlotTable on an embedded Redis) or `round_robin`, and one
+worker per replica sends its requests one at a time.
 Segments slots, rr, rr, slots (ABBA) each take half of the conversations on a FRESH replica pair.
 Fewer conversations run (and the output says so) if a calibration says the run would pass
 --budget-s. bench/README.md has the details. The last stdout line is one JSON object.
@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -107,18 +108,35 @@ def build_script(gguf: Path, *, system: str, conversations: int, turns: int, tok
     users = [
         [text(10_000 + 100 * c + t, tokens) for t in range(turns)] for c in range(conversations)
     ]
-    # The random model mostly samples the filler rows (`Ġpad<id>`) that pad the 4k trained tokens
-    # to Qwen's vocabulary: one generated token each, but ~6 once the reply's text is tokenized
-    # again in the next turn's history, which then outgrows the turns and never matches a cache.
-    # Biasing towards the trained tokens gives replies that re-tokenize about 1:1, as a real
-    # model's do; the end tokens are banned so every reply has exactly max_tokens tokens.
-    n = vocab.n_vocab()
-    real = next((i for i in range(n) if vocab.detokenize([i]) == f" pad{i}".encode()), 0)
-    bias = {str(i): 30.0 for i in range(real)}
+    # A real model's replies re-tokenize to the tokens it generated (it was trained on canonical
+    # tokenizations), so the next turn's prompt extends the cached state token for token. Random
+    # weights sample anything: the filler rows that pad the 4k trained tokens to Qwen's vocabulary
+    # (`Ġpad<id>`, ~6 tokens each once the text is tokenized again) or pieces that merge with
+    # their neighbours (a 200-token reply diverged after ~20 tokens, measured). So replies are
+    # drawn from the words that are a whole pre-tokenizer chunk each (" word", " 词语": a space and
+    # letters, tokenized back to themselves): any sequence of them re-tokenizes 1:1 (checked on
+    # 200 random 200-token sequences). The end tokens are banned, so every reply has max_tokens.
+    bias = {str(i): 30.0 for i in canonical_words(vocab)}
     for name in (tiny_model.IM_END, tiny_model.ENDOFTEXT, tiny_model.IM_START):
         bias[str(vocab.tokenize(name.encode(), add_bos=False, special=True)[0])] = -100.0
     vocab.close()
     return Script(system, users, bias)
+
+
+WORD = re.compile(r"^ (?:[A-Za-z]+|[\u4e00-\u9fff]+)$")
+
+
+def canonical_words(vocab: Any) -> list[int]:
+    """Token ids whose text is a space and letters and tokenizes back to that one id."""
+    words = []
+    for token in range(vocab.n_vocab()):
+        try:
+            text = vocab.detokenize([token]).decode()
+        except UnicodeDecodeError:  # a partial UTF-8 piece
+            continue
+        if WORD.match(text) and vocab.tokenize(text.encode(), add_bos=False) == [token]:
+            words.append(token)
+    return words
 
 
 def chatml(messages: list[Message]) -> str:
@@ -195,18 +213,19 @@ async def probe(client: httpx.AsyncClient, base: str, script: Script) -> None:
 
 async def calibrate(
     client: httpx.AsyncClient, base: str, script: Script, n: int
-) -> tuple[float, float]:
-    """Wall times of a cold ~850-token turn (the first four user messages of conversation 0 in
-    one; this pair serves nothing else) and, after another request, the conversation's next turn
-    (a cache hit, like a sticky turn), seconds."""
-    user = "\n".join(script.users[0][:4])
+) -> tuple[float, float, float]:
+    """(TTFT of a cold turn the size of an average round-robin miss, TTFT of that conversation's
+    next turn (a cache hit, like a pinned turn), decode time of an n-token reply), seconds. The
+    cold prompt is the user messages of conversations 0 and 1 in one; this pair serves nothing
+    else."""
+    user = "\n".join(script.users[0] + script.users[1])
     messages = [{"role": "system", "content": script.system}, {"role": "user", "content": user}]
-    _, cold_s, reply = await stream_chat(client, base, messages, script, n)
+    cold_s, _, reply = await stream_chat(client, base, messages, script, 1)
     await probe(client, base, script)
     messages += [{"role": "assistant", "content": reply},
                  {"role": "user", "content": script.users[0][-1]}]  # fmt: skip
-    _, warm_s, _ = await stream_chat(client, base, messages, script, n)
-    return cold_s, warm_s
+    warm_s, whole_s, _ = await stream_chat(client, base, messages, script, n)
+    return cold_s, warm_s, whole_s - warm_s
 
 
 def router_for(mode: str, redis: aioredis.Redis, urls: list[str], *, capacity: int) -> Router:
@@ -242,11 +261,17 @@ async def drive(
     rng = random.Random(SEED)  # the same arrival orders in both modes
     turns: list[Turn] = []
 
+    last = len(script.users[0]) - 1
+
     async def worker(replica: int, t: int, queue: list[tuple[int, float]]) -> None:
         base = replicas[replica].base
         for c, route_s in queue:
             messages = [*history[c], {"role": "user", "content": script.users[c][t]}]
-            ttft_s, _, reply = await stream_chat(client, base, messages, script, n)
+            # The last reply is never read back: one token is enough (TTFT does not depend on
+            # max_tokens), which saves a sixth of the run's decoding.
+            ttft_s, _, reply = await stream_chat(
+                client, base, messages, script, n if t < last else 1
+            )
             tokens = await prompt_tokens(client, base, messages)
             history[c] = [*messages, {"role": "assistant", "content": reply}]
             turns.append(Turn(c, t, replica, route_s + ttft_s, route_s, tokens))
@@ -331,7 +356,8 @@ async def run(args: argparse.Namespace, started: float) -> dict[str, Any]:
         "cache_gib_per_replica": round(cache_bytes / 2**30, 3),
         "cache_auto": args.cache_gib <= 0,
         "model": "random weights, Qwen2.5-0.5B-Instruct shape, Q4_K_M",
-        "calibration_s": [[round(c, 2), round(w, 2)] for c, w in timings],
+        "calibration_s": [{"cold_ttft": round(c, 2), "warm_ttft": round(w, 2), "decode": round(d, 2)}
+                          for c, w, d in timings],
         "modes": modes, "segments": segments, "machine": machine_info(),
     }  # fmt: skip
 
@@ -343,29 +369,35 @@ KV_BYTES_PER_TOKEN = 24 * 2 * (2 * 64) * 2
 
 def pinned_cache_bytes(args: argparse.Namespace, count: int) -> int:
     """A prompt cache for the sessions slots pin to one replica in a segment (half of `count`
-    conversations over 2 replicas), each at its final length, with 30% headroom for the
-    older, shorter states the LRU has not evicted yet. Production caches hold what a replica's
-    own traffic needs, not every conversation of every replica; round-robin sends each replica
-    all of them, twice what fits."""
+    conversations over 2 replicas), each at its largest state (the last turn's prompt and its
+    one-token reply; measured 1,564 tokens with the defaults, this says 1,602), plus 10%.
+    Superseded states are dropped as new ones are saved (BoundedRAMCache), so a pinned
+    conversation holds one entry. Production caches hold what a replica's own traffic needs;
+    round-robin gets the same memory and sends each replica every conversation."""
     per_segment = math.ceil(count / 2)
     pinned = math.ceil(per_segment / 2)
-    final_tokens = 60 + args.turns * (args.user_tokens + args.max_tokens + 12)
-    return int(pinned * final_tokens * KV_BYTES_PER_TOKEN * 1.3)
+    turn_tokens = args.user_tokens + 12  # the message and its ChatML framing
+    largest = 60 + (args.turns - 1) * (turn_tokens + args.max_tokens) + turn_tokens
+    return int(pinned * largest * KV_BYTES_PER_TOKEN * 1.1)
 
 
 def fit_budget(
-    args: argparse.Namespace, timings: list[tuple[float, float]], started: float, pair_s: float
-) -> tuple[int, float]:
+    args: argparse.Namespace, timings: list[tuple[float, float, float]], started: float,
+    pair_s: float,
+) -> tuple[int, float]:  # fmt: skip
     """The most conversations (up to --conversations) whose estimated run fits --budget-s. Per
-    replica and turn: slots ~ the warm calibration turn; round-robin ~ 3/4 warm, 1/4 cold (it lands
-    on the previous replica about half the time, and a miss often finds an older prefix)."""
-    cold_s = statistics.mean(cold for cold, _ in timings)
-    warm_s = statistics.mean(warm for _, warm in timings)
+    replica: every reply but the last one's decoding, plus TTFT: slots ~ the warm calibration turn,
+    round-robin ~ half warm (back on the previous replica), half cold."""
+    cold_s = statistics.mean(cold for cold, _, _ in timings)
+    warm_s = statistics.mean(warm for _, warm, _ in timings)
+    decode_s = statistics.mean(decode for _, _, decode in timings)
     elapsed_s = time.monotonic() - started
 
     def estimate(count: int) -> float:
-        per_replica = count * int(args.turns) / 2  # turns per replica and mode
-        return elapsed_s + 4 * (pair_s + 5) + per_replica * (warm_s + (3 * warm_s + cold_s) / 4)
+        turns = count * int(args.turns) / 2  # turns per replica and mode
+        replies = count * (int(args.turns) - 1) / 2  # replies decoded in full
+        ttft_s = turns * (warm_s + (warm_s + cold_s) / 2)  # both modes
+        return elapsed_s + 4 * (pair_s + 5) + 2 * replies * decode_s + ttft_s
 
     fits = [c for c in range(4, args.conversations + 1) if estimate(c) <= args.budget_s]
     count = max(fits, default=4)
@@ -402,11 +434,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--conversations", type=int, default=20)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--user-tokens", type=int, default=200)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--user-tokens", type=int, default=70, help="per user message (at most)")
+    parser.add_argument("--max-tokens", type=int, default=210, help="per reply (exactly)")
     parser.add_argument(
-        "--cache-gib", type=float, default=6.0,
-        help="RAM prompt cache per replica; 0: sized to one replica's pinned sessions (auto)",
+        "--cache-gib", type=float, default=0.0,
+        help="RAM prompt cache per replica; 0 (default): sized to one replica's pinned sessions",
     )  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=900.0, help="scale down past this")
     args = parser.parse_args()

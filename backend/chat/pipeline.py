@@ -64,7 +64,7 @@ from backend.ratelimit import RateLimiter
 from backend.serving.degrade import choose_tier
 from backend.serving.engine import ChatRequest, Message
 from backend.serving.pool import EnginePool, Started
-from backend.serving.queue import Position, WaitQueue
+from backend.serving.queue import Position, Seated, WaitQueue
 from backend.serving.slots import Lease, SlotTable
 from backend.serving.status import ProcessState, StatusBoard
 from backend.serving.tokenizer import Tokenizer
@@ -276,7 +276,7 @@ class ChatPipeline:
         waited_from = time.monotonic()
         # Always through the queue: it renews a held lease at once and takes a free slot on its
         # first poll when nobody waits, so a newcomer never jumps the line.
-        lease: Lease | None = None
+        seated: Seated | None = None
         try:
             # Short messages go first; the queue orders before shaping, so it judges by length.
             long = len(turn.text) > QUEUE_LONG_CHARS
@@ -289,7 +289,7 @@ class ChatPipeline:
                 if isinstance(item, Position):
                     yield Queued(item)
                 else:
-                    lease = item
+                    seated = item
         except (QueueTimeout, QueueFull) as exc:
             full = isinstance(exc, QueueFull)
             trail.outcome = Audited.QUEUE_FULL if full else Audited.QUEUE_TIMEOUT
@@ -297,11 +297,11 @@ class ChatPipeline:
             yield Notice(NoticeKind.BUSY, BUSY_TEXT.format(retry=retry), float(retry))
             yield Done(Outcome.REFUSED, None, Tier.BUSY, None, 0, False)
             return
-        assert lease is not None
+        assert seated is not None
+        lease, depth = seated.lease, seated.waiting
         trail.replica = lease.replica
         waited = time.monotonic() - waited_from
         available = self._replicas()
-        depth = await self._queue.depth()
         if self._metrics is not None:
             self._metrics.queue_wait.observe(waited)
             self._metrics.queue_depth.set(depth)

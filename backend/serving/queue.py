@@ -92,7 +92,8 @@ _DEPTH = _NOW + _PRUNE + "return redis.call('ZCARD', KEYS[1])\n"
 
 # KEYS: slot expiry, slot owner, line, beats. ARGV: stale_ms, then the slot acquire script's ARGV.
 # The way in for a request, in one round trip: renew the session's lease, or -- only when nobody
-# waits in line (after dropping dead waiters) -- take a free slot. Reply: the acquire script's.
+# waits in line (after dropping dead waiters) -- take a free slot. Reply: {the acquire script's
+# reply, requests waiting in line}.
 _SEAT = f"""
 local function waiting(KEYS, ARGV)
 {_DEPTH}
@@ -102,8 +103,9 @@ local function acquire(KEYS, ARGV)
 end
 local args = {{}}
 for i = 2, #ARGV do args[i - 1] = ARGV[i] end
-if waiting({{KEYS[3], KEYS[4]}}, {{ARGV[1]}}) > 0 then args[4] = '1' end
-return acquire({{KEYS[1], KEYS[2]}}, args)
+local depth = waiting({{KEYS[3], KEYS[4]}}, {{ARGV[1]}})
+if depth > 0 then args[4] = '1' end
+return {{acquire({{KEYS[1], KEYS[2]}}, args), depth}}
 """
 
 # KEYS: turn_s. ARGV: seconds, alpha.
@@ -122,6 +124,15 @@ class Position:
     position: int  # 1-based place in line
     waiting: int  # requests waiting in all
     eta_s: float  # estimated wait, seconds (0.1 s steps); math.inf while no replica is healthy
+
+
+@dataclass(frozen=True)
+class Seated:
+    """A request's way through the line: its lease, and how many requests were waiting in line
+    when it got it (the queue depth its answer is shaped by)."""
+
+    lease: Lease
+    waiting: int
 
 
 class WaitQueue:
@@ -169,12 +180,13 @@ class WaitQueue:
         replicas: Callable[[], Sequence[str]],
         priority: int,
         budget_s: float,
-    ) -> AsyncGenerator[Position | Lease, None]:
-        """`wait_for_slot` as a stream: each new Position while waiting, then the Lease. Raises
-        what `wait_for_slot` raises; closing the stream leaves the line."""
-        lease = await self.seat(session_id, slots=slots, replicas=replicas())
-        if lease is not None:  # the common case, without a waiter task
-            yield lease
+    ) -> AsyncGenerator[Position | Seated, None]:
+        """`wait_for_slot` as a stream: each new Position while waiting, then the Lease with the
+        depth of the line (`Seated`). Raises what `wait_for_slot` raises; closing the stream
+        leaves the line."""
+        seated = await self.seat(session_id, slots=slots, replicas=replicas())
+        if seated is not None:  # the common case: one round trip, no waiter task
+            yield seated
             return
         positions: asyncio.Queue[Position] = asyncio.Queue()
 
@@ -195,7 +207,7 @@ class WaitQueue:
                     yield getter.result()
                 else:
                     getter.cancel()
-            yield waiter.result()
+            yield Seated(waiter.result(), await self.depth())
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -231,9 +243,9 @@ class WaitQueue:
         `budget_s` seconds (the event loop's monotonic clock) pass without a slot, and
         RedisUnavailable. Every exit, cancellation included, removes the entry from the line.
         """
-        lease = await self.seat(session_id, slots=slots, replicas=replicas())
-        if lease is not None:
-            return lease
+        seated = await self.seat(session_id, slots=slots, replicas=replicas())
+        if seated is not None:
+            return seated.lease
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
         priority = int(priority)  # an IntEnum would reach Redis as its name
@@ -265,11 +277,12 @@ class WaitQueue:
 
     async def seat(
         self, session_id: str, *, slots: SlotTable, replicas: Sequence[str]
-    ) -> Lease | None:
+    ) -> Seated | None:
         """Renew the session's lease alive on one of `replicas`, or, when nobody waits in line,
         pin it to the least-loaded of them with a free slot (`SlotTable.acquire`'s rules); None
         otherwise, changing nothing. One script: nobody can join the line in between, so this
-        never jumps it. Raises RedisUnavailable."""
+        never jumps it; it also counts the line, so the caller needs no `depth` call. Raises
+        RedisUnavailable."""
         if not replicas:
             return None
         keys = [*slots.keys, *self._line_keys]
@@ -278,10 +291,11 @@ class WaitQueue:
             *slots.acquire_args(session_id, replicas=replicas, renew_only=False),
         ]
         try:
-            reply: Any = await self._seat(keys=keys, args=args)
+            reply, waiting = await self._seat(keys=keys, args=args)
         except RedisError as exc:
             raise RedisUnavailable("slot acquire failed") from exc
-        return slots.lease_from(session_id, reply)
+        lease = slots.lease_from(session_id, reply)
+        return None if lease is None else Seated(lease, int(waiting))
 
     async def record_turn(self, seconds: float) -> None:
         """Feed one turn's duration (seconds a slot was busy answering) into the wait estimate.

@@ -164,8 +164,18 @@ async def test_newcomer_does_not_jump_line(redis_client: aioredis.Redis, spawn: 
 
 async def test_seat_takes_a_free_slot_when_nobody_waits(redis_client: aioredis.Redis) -> None:
     slots = SlotTable(redis_client, capacity=1, ttl_s=120)
-    lease = await line(redis_client).seat("s1", slots=slots, replicas=[A])
-    assert lease is not None and (lease.replica, lease.new) == (A, True)
+    seated = await line(redis_client).seat("s1", slots=slots, replicas=[A])
+    assert seated is not None
+    assert (seated.lease.replica, seated.lease.new, seated.waiting) == (A, True, 0)
+
+
+async def test_seat_renews_and_counts_the_line(redis_client: aioredis.Redis, spawn: Spawn) -> None:
+    queue, slots, recorder = line(redis_client), await full_table(redis_client), Recorder()
+    spawn(wait(queue, "waiter", slots, on_position=recorder))
+    await recorder.until(lambda p: p.position == 1)
+    seated = await queue.seat("holder-0", slots=slots, replicas=[A])  # holds its slot: renewed
+    assert seated is not None
+    assert (seated.lease.session_id, seated.lease.new, seated.waiting) == ("holder-0", False, 1)
 
 
 async def test_seat_leaves_a_free_slot_to_the_line(

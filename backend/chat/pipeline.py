@@ -272,7 +272,22 @@ class ChatPipeline:
         engine). If the consumer stops early (user stop, disconnect) the upstream request is
         closed and the partial answer recorded, so the next turn sees what the user saw.
         """
-        past = await self._history.load(turn.thread_id)
+        # The history is read while the request takes its slot (both are Redis round trips; under
+        # a burst each sequential one is a lap behind every other request's work).
+        loading = asyncio.ensure_future(self._history.load(turn.thread_id))
+        try:
+            async with contextlib.aclosing(self._seated(turn, trail, loading)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            loading.cancel()  # nothing once it is done
+            if loading.done() and not loading.cancelled():
+                loading.exception()  # a failed read the answer never reached is not "lost"
+
+    async def _seated(
+        self, turn: Turn, trail: AuditTrail, loading: asyncio.Future[list[Message]]
+    ) -> AsyncGenerator[Event, None]:
+        """`_serve`'s body, with the conversation's history being read by `loading`."""
         waited_from = time.monotonic()
         # Always through the queue: it renews a held lease at once and takes a free slot on its
         # first poll when nobody waits, so a newcomer never jumps the line.
@@ -335,7 +350,7 @@ class ChatPipeline:
                 return
         shaped = await self._shaper.shape(
             turn.text,
-            history=past,
+            history=await loading,
             system_prompt=system_prompt,
             tier=tier,
             stream_override=turn.stream,

@@ -134,10 +134,14 @@ class Shaper:
                          context_window=self._window, policy=policy)  # fmt: skip
         system = f"{system_prompt}\n\n{limits.instruction}" if limits.instruction else system_prompt
         wrapper = SOURCES_TEMPLATE.format(context="", text="") if context else ""
-        system_tokens, text_tokens, context_tokens, wrapper_tokens, *history_tokens = (
-            await asyncio.gather(*map(self._count, (system, text, context or "", wrapper)),
-                                 *(self._count(m.content) for m in history))
-        )  # fmt: skip
+        texts = [system, text, context or "", wrapper, *(m.content for m in history)]
+        (
+            system_tokens,
+            text_tokens,
+            context_tokens,
+            wrapper_tokens,
+            *history_tokens,
+        ) = await self._count_all(texts)
         fixed = system_tokens + 2 * CHATML_MESSAGE_OVERHEAD + CHATML_REPLY_PRIMER
         available = self._window - policy.margin_tokens - cap - fixed
         if available < policy.min_message_tokens:
@@ -188,8 +192,17 @@ class Shaper:
             context_truncated=truncated,
         )  # fmt: skip
 
-    async def _count(self, text: str) -> int:
-        return await self._tokenizer.count(text) if text else 0
+    async def _count_all(self, texts: Sequence[str]) -> list[int]:
+        """Token counts of `texts`: those the tokenizer knows at once (the system prompt and
+        earlier messages once counted), the rest concurrently. Without a miss there is no task
+        and no trip through the event loop, which under a burst of requests is a lap behind
+        everyone else's work."""
+        known = [self._tokenizer.known(text) if text else 0 for text in texts]
+        missing = [text for text, count in zip(texts, known, strict=True) if count is None]
+        if not missing:
+            return [count or 0 for count in known]
+        counted = iter(await asyncio.gather(*map(self._tokenizer.count, missing)))
+        return [next(counted) if count is None else count for count in known]
 
 
 def _trim_history(

@@ -55,6 +55,11 @@ class Tokenizer(Protocol):
         """Tokens in `text` as the engine's tokenizer splits it (no special tokens added)."""
         ...
 
+    def known(self, text: str) -> int | None:
+        """`count(text)` if it is at hand without asking anything (cached, or an estimate when
+        that is all this tokenizer does), else None. Lets callers skip a task per count."""
+        ...
+
 
 def estimate_tokens(text: str) -> int:
     """An explicit, deliberately generous estimate: one token per 3 ASCII letters, one per any
@@ -71,6 +76,9 @@ class EstimateTokenizer:
     """A `Tokenizer` that never calls anything: `estimate_tokens`."""
 
     async def count(self, text: str) -> int:
+        return estimate_tokens(text)
+
+    def known(self, text: str) -> int:
         return estimate_tokens(text)
 
 
@@ -118,6 +126,10 @@ class _Unreachable(Exception):
     """No answer this time: nothing listening, 5xx, or timeout."""
 
 
+def _cache_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
 class EngineTokenizer:
     """The engine's tokenizer over HTTP, with an LRU cache of counts (`cache_size` texts, keyed by
     a digest). Safe to share between tasks; close with `aclose()` at shutdown.
@@ -155,15 +167,22 @@ class EngineTokenizer:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def count(self, text: str) -> int:
-        """See `Tokenizer.count`. Never raises for engine trouble (estimates instead)."""
+    def known(self, text: str) -> int | None:
+        """See `Tokenizer.known`: the estimate once the engine has no tokenize endpoint, or a
+        cached count."""
         if self._dialect is Dialect.ESTIMATE:
             return estimate_tokens(text)
-        key = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        key = _cache_key(text)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
-            return cached
+        return cached
+
+    async def count(self, text: str) -> int:
+        """See `Tokenizer.count`. Never raises for engine trouble (estimates instead)."""
+        if (known := self.known(text)) is not None:
+            return known
+        key = _cache_key(text)
         try:
             if self._dialect is None:
                 count = await self._detect(text)

@@ -51,17 +51,24 @@ MAX_ANSWER = {Tier.NORMAL: MAX_TOKENS, Tier.REDUCED: MAX_TOKENS // 2, Tier.BRIEF
 
 
 class CharTokenizer:
-    """One token per character."""
+    """One token per character, always known at once (as cached counts are)."""
 
     async def count(self, text: str) -> int:
         return len(text)
 
+    def known(self, text: str) -> int:
+        return len(text)
+
 
 class WordTokenizer:
-    """One token per space-separated word: far fewer tokens than characters."""
+    """One token per space-separated word: far fewer tokens than characters. Never known at
+    once, so every count is asked for (as a cold engine tokenizer's are)."""
 
     async def count(self, text: str) -> int:
         return len(text.split())
+
+    def known(self, text: str) -> None:
+        return None
 
 
 def _shaper(*, window: int = WINDOW, max_tokens: int = MAX_TOKENS) -> Shaper:
@@ -223,6 +230,26 @@ async def test_history_trimmed_by_tokens_not_characters() -> None:
     shaper = Shaper(tokenizer=WordTokenizer(), context_window=1024, max_tokens=MAX_TOKENS)
     shaped = await shaper.shape("hello", history=history, system_prompt=SYSTEM)
     assert shaped.history_kept == 2  # 10 × 1000 characters, but 200 tokens each
+
+
+class HalfKnownTokenizer(CharTokenizer):
+    """Knows the counts of assistant-looking texts only; every other count is asked for."""
+
+    def known(self, text: str) -> int | None:  # type: ignore[override]
+        return len(text) if text.startswith("答") else None
+
+
+async def test_counts_known_and_asked_for_land_in_place() -> None:
+    history = tuple(Message(role, f"{'问' if role == 'user' else '答'}" * size)
+                    for role, size in (("user", 300), ("assistant", 500), ("user", 200),
+                                       ("assistant", 700)))  # fmt: skip
+    window = 1024 + MAX_TOKENS  # room for the last two messages, not for all four
+    expected = await _shape("你好", window=window, history=history)
+    mixed = Shaper(tokenizer=HalfKnownTokenizer(), context_window=window, max_tokens=MAX_TOKENS)
+    shaped = await mixed.shape("你好", history=history, system_prompt=SYSTEM)
+    assert (shaped.prompt_tokens, shaped.history_kept) == (
+        expected.prompt_tokens, expected.history_kept)  # fmt: skip
+    assert shaped.history_kept == 2
 
 
 async def test_brief_asks_for_one_sentence() -> None:

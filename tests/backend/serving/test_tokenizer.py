@@ -41,6 +41,9 @@ class CharTokenizer:
     async def count(self, text: str) -> int:
         return len(text)
 
+    def known(self, text: str) -> None:
+        return None
+
 
 @dataclass
 class VLLMTokenizeServer:
@@ -247,6 +250,25 @@ async def test_counts_are_cached(vllm: VLLMTokenizeServer, make_tokenizer: MakeT
     asked = len(vllm.bodies)
     await tokenizer.count(TEXT)
     assert len(vllm.bodies) == asked
+
+
+async def test_known_is_the_cached_count_only(
+    vllm: VLLMTokenizeServer, make_tokenizer: MakeTokenizer
+) -> None:
+    tokenizer = make_tokenizer(vllm.base_url)
+    assert tokenizer.known(TEXT) is None  # not counted yet: nothing asked either
+    assert vllm.bodies == []
+    count = await tokenizer.count(TEXT)
+    assert tokenizer.known(TEXT) == count
+
+
+async def test_known_is_the_estimate_once_there_is_no_endpoint(
+    fake_engine: FakeEngineHandle, make_tokenizer: MakeTokenizer
+) -> None:
+    tokenizer = make_tokenizer(fake_engine.base_url)
+    assert tokenizer.known(TEXT) is None  # the dialect is not known before the first count
+    await tokenizer.count(TEXT)
+    assert tokenizer.known("没有数过的") == estimate_tokens("没有数过的")
 
 
 async def test_cache_evicts_least_recent(

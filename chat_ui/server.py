@@ -32,9 +32,9 @@ GC_THRESHOLDS = (10_000, 10, 10)
 """The young generation is collected after 10,000 net allocations instead of CPython's 700. An
 answer allocates thousands of short-lived objects (tasks, futures, chunks), so at 700 the
 collector ran every few requests: 460 collections, 283 ms, during bench/overhead.py's measured
-batches of the pipeline; at 10,000: 28, 80 ms, and the added TTFT at 32 simultaneous streams fell
-from +4.9 ms p50 / +18.0 ms p99 to -2.3 / +12.2 over the plain client. Cycles live a little longer
-(a few MB at most)."""
+batches of the pipeline; at 10,000: 28, 80-108 ms, and the TTFT it adds over the plain client at
+32 simultaneous streams went from +4.9 ms p50 / +18.0 ms p99 to -2.3 / +12.2 and -0.3 / +22.8 (two
+runs). Cycles live a little longer (a few MB at most)."""
 
 CallNext = Callable[[Request], Awaitable[Response]]
 

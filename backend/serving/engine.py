@@ -6,9 +6,8 @@ event stream itself: the SDK builds a pydantic model per chunk, ~0.4 ms of CPU e
 streams of 50 tokens/s took most of a core and was the largest part of what the pipeline added to
 a stream (bench/overhead.py); a `json.loads` of the chunk and two lookups do it here. Its request
 path (options, headers, retry wrapper) cost another 0.3-0.8 ms of CPU a request over a plain
-`httpx` send (measured against the fake engine, 300 requests each). It enforces four budgets, each
-raising
-`EngineTimeout(phase, seconds)`:
+`httpx` send (measured against the fake engine, 300 requests each). It enforces four budgets,
+each raising `EngineTimeout(phase, seconds)`:
 
     connect      opening the TCP connection (httpx's connect timeout)
     first_token  from the call until the first content delta arrives

@@ -289,6 +289,17 @@ class RateLimiter(_Limits):
         async with self._holding(key, request_id):
             yield
 
+    ADMIT = _ADMIT
+    """`admit`'s script (KEYS and ARGV from `admission`; its reply for `admitted`), for scripts
+    that admit a message together with other steps in one round trip."""
+
+    def admission(self, user: str, *, request_id: str) -> tuple[list[str], list[str | int | float]]:
+        """KEYS and ARGV of the admission script for one message of `user`."""
+        keys = [self._key(name, user) for name in ("tokens", "bucket", "inflight")]
+        args: list[str | int | float] = [self._token_rate, self._token_burst, self._rate, self._burst,
+                request_id, self._concurrent, self._ttl_ms]  # fmt: skip
+        return keys, args
+
     @contextlib.asynccontextmanager
     async def admit(self, user: str, *, request_id: str) -> AsyncIterator[None]:
         """One message: the model-token bucket must be above zero (nothing is spent when it is
@@ -296,19 +307,25 @@ class RateLimiter(_Limits):
         refuses), then a concurrent-answer place held for the body -- `check_tokens`,
         `check_message` and `answering` in one script, one round trip. The caller charges the
         answer's tokens afterwards (`charge`). Raises RateLimited, RedisUnavailable."""
-        keys = [self._key(name, user) for name in ("tokens", "bucket", "inflight")]
-        args: list[str | int | float] = [self._token_rate, self._token_burst, self._rate, self._burst,
-                request_id, self._concurrent, self._ttl_ms]  # fmt: skip
+        keys, args = self.admission(user, request_id=request_id)
         try:
             reply: Any = await self._admit(keys=keys, args=args)
         except RedisError as exc:
             raise RedisUnavailable("rate limit check failed") from exc
+        async with self.admitted(user, request_id=request_id, reply=reply):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, user: str, *, request_id: str, reply: Any) -> AsyncIterator[None]:
+        """The body of `admit` once the admission script has replied `reply` (run by the caller,
+        maybe inside a script of its own): raises RateLimited for a refusal, else holds the
+        concurrent-answer place the script took while the body runs."""
         refused, retry = (part.decode() if isinstance(part, bytes) else str(part) for part in reply)
         if refused:
             kind = LimitKind(refused)
             wait = CONCURRENCY_RETRY_S if kind is LimitKind.CONCURRENCY else float(retry)
             raise self._refuse(kind, wait)
-        async with self._holding(keys[2], request_id):
+        async with self._holding(self._key("inflight", user), request_id):
             yield
 
     @contextlib.asynccontextmanager

@@ -27,17 +27,27 @@ class History:
         self._ttl_s = ttl_s
         self._max = max_messages
 
-    async def load(self, thread_id: str) -> list[Message]:
-        """Oldest first. Raises RedisUnavailable."""
-        try:
-            raw: list[bytes | str] = await self._redis.lrange(_PREFIX + thread_id, 0, -1)  # type: ignore[misc]
-        except RedisError as exc:
-            raise RedisUnavailable("history read failed") from exc
+    @staticmethod
+    def key(thread_id: str) -> str:
+        """The thread's Redis list (for scripts that read it together with other steps)."""
+        return _PREFIX + thread_id
+
+    @staticmethod
+    def decode(raw: Iterable[bytes | str]) -> list[Message]:
+        """The messages of the list's items, as `LRANGE key 0 -1` returns them."""
         messages = []
         for item in raw:
             data = json.loads(item)
             messages.append(Message(role=data["role"], content=data["content"]))
         return messages
+
+    async def load(self, thread_id: str) -> list[Message]:
+        """Oldest first. Raises RedisUnavailable."""
+        try:
+            raw: list[bytes | str] = await self._redis.lrange(self.key(thread_id), 0, -1)  # type: ignore[misc]
+        except RedisError as exc:
+            raise RedisUnavailable("history read failed") from exc
+        return self.decode(raw)
 
     async def append(self, thread_id: str, *messages: Message) -> None:
         """Append in order, trim to the cap, renew the TTL. Raises RedisUnavailable."""
@@ -48,7 +58,7 @@ class History:
         await self._push(thread_id, list(messages), replace=True)
 
     async def _push(self, thread_id: str, messages: Iterable[Message], *, replace: bool) -> None:
-        key = _PREFIX + thread_id
+        key = self.key(thread_id)
         encoded = [
             json.dumps({"role": m.role, "content": m.content}, ensure_ascii=False) for m in messages
         ]

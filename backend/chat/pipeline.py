@@ -1,10 +1,10 @@
 """The conversation pipeline: one user message in, events (queue position, sentiment, notices,
 answer tokens) out. ARCHITECTURE.md steps 1-9; chat_ui only renders what this yields.
 
-    input guard ▸ rate limits (Redis) ▸ history (Redis) ▸ session slot (Redis lease, or the
-    priority queue) ▸ tier ▸ shape ▸ sentiment probe ∥ answer stream (pool: failover before the
-    first token; citations, Markdown sanitizing, output guard) ▸ history append ▸ audit record
-    (PostgreSQL, every outcome)
+    input guard ▸ entrance (one Redis script: rate limits, session slot, history) ▸ the priority
+    queue when no slot was free ▸ tier ▸ shape ▸ sentiment probe ∥ answer stream (pool: failover
+    before the first token; citations, Markdown sanitizing, output guard) ▸ history append ▸
+    audit record (PostgreSQL, every outcome)
 
 Concurrency: one `ChatPipeline` serves every conversation of a chat_ui process; all shared state is
 in Redis or in the engine pool.
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from backend.audit import AuditLog, AuditTrail
 from backend.audit import Outcome as Audited
 from backend.chat.canary import CANARY_RULE, LEAK_CATEGORY, CanaryFilter
+from backend.chat.entrance import Entrance, Entry
 from backend.chat.events import (
     Cited,
     Done,
@@ -64,7 +65,7 @@ from backend.ratelimit import RateLimiter
 from backend.serving.degrade import choose_tier
 from backend.serving.engine import ChatRequest, Message
 from backend.serving.pool import EnginePool, Started
-from backend.serving.queue import Position, Seated, WaitQueue
+from backend.serving.queue import Position, WaitQueue
 from backend.serving.slots import Lease, SlotTable
 from backend.serving.status import ProcessState, StatusBoard
 from backend.serving.tokenizer import Tokenizer
@@ -143,6 +144,9 @@ class ChatPipeline:
         self._limiter = limiter
         self._retriever = retriever
         self._tokenizer = tokenizer
+        self._entrance = Entrance(
+            queue.client, limiter=limiter, queue=queue, slots=slots, history=history
+        )
         self._background: set[asyncio.Task[None]] = set()
         self._expected: Matcher | None = None  # the lexicon whose guard_hits series exist
         if guard is not None:
@@ -253,65 +257,55 @@ class ChatPipeline:
                 yield Notice(NoticeKind.BLOCKED_INPUT, INPUT_BLOCKED_TEXT.format(category=category))
                 yield Done(Outcome.BLOCKED, None, Tier.NORMAL, None, 0, False)
                 return
-        admitted: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
         key = turn.user or f"thread:{turn.thread_id}"
-        if self._limiter is not None:
-            admitted = self._limiter.admit(key, request_id=turn.request_id)
+        entering = self._entrance.enter(
+            key, request_id=turn.request_id, thread_id=turn.thread_id, replicas=self._replicas()
+        )
         try:
-            async with admitted, contextlib.aclosing(self._serve(turn, trail)) as events:
+            async with (
+                entering as entry,
+                contextlib.aclosing(self._serve(turn, trail, entry)) as events,
+            ):
                 async for event in events:
                     yield event
         finally:  # stopped and failed answers cost what the engine did
             if self._limiter is not None and trail.prompt_tokens:
                 await self._limiter.charge(key, trail.prompt_tokens + trail.completion_tokens)
 
-    async def _serve(self, turn: Turn, trail: AuditTrail) -> AsyncGenerator[Event, None]:
-        """Yield the events of one admitted answer.
+    async def _serve(
+        self, turn: Turn, trail: AuditTrail, entry: Entry
+    ) -> AsyncGenerator[Event, None]:
+        """Yield the events of one admitted answer; `entry` is what it found on its way in.
 
         Raises RedisUnavailable, EngineError (EngineRestarting while the supervisor restarts the
         engine). If the consumer stops early (user stop, disconnect) the upstream request is
         closed and the partial answer recorded, so the next turn sees what the user saw.
         """
-        # The history is read while the request takes its slot (both are Redis round trips; under
-        # a burst each sequential one is a lap behind every other request's work).
-        loading = asyncio.ensure_future(self._history.load(turn.thread_id))
-        try:
-            async with contextlib.aclosing(self._seated(turn, trail, loading)) as events:
-                async for event in events:
-                    yield event
-        finally:
-            loading.cancel()  # nothing once it is done
-            if loading.done() and not loading.cancelled():
-                loading.exception()  # a failed read the answer never reached is not "lost"
-
-    async def _seated(
-        self, turn: Turn, trail: AuditTrail, loading: asyncio.Future[list[Message]]
-    ) -> AsyncGenerator[Event, None]:
-        """`_serve`'s body, with the conversation's history being read by `loading`."""
         waited_from = time.monotonic()
-        # Always through the queue: it renews a held lease at once and takes a free slot on its
-        # first poll when nobody waits, so a newcomer never jumps the line.
-        seated: Seated | None = None
-        try:
-            # Short messages go first; the queue orders before shaping, so it judges by length.
-            long = len(turn.text) > QUEUE_LONG_CHARS
-            priority = Priority.LONG if long else Priority.INTERACTIVE
-            line = self._queue.line(
-                turn.thread_id, slots=self._slots, replicas=self._replicas, priority=priority,
-                budget_s=self._config.queue_wait_budget_s,
-            )  # fmt: skip
-            async for item in line:
-                if isinstance(item, Position):
-                    yield Queued(item)
-                else:
-                    seated = item
-        except (QueueTimeout, QueueFull) as exc:
-            full = isinstance(exc, QueueFull)
-            trail.outcome = Audited.QUEUE_FULL if full else Audited.QUEUE_TIMEOUT
-            retry = max(5, round(self._config.queue_wait_budget_s / 2))
-            yield Notice(NoticeKind.BUSY, BUSY_TEXT.format(retry=retry), float(retry))
-            yield Done(Outcome.REFUSED, None, Tier.BUSY, None, 0, False)
-            return
+        # The entrance renewed a held lease or, when nobody waits, took a free slot; otherwise
+        # the line, which does the same on its first poll, so a newcomer never jumps it.
+        seated = entry.seated
+        if seated is None:
+            try:
+                # Short messages go first; the queue orders before shaping, so it judges by length.
+                long = len(turn.text) > QUEUE_LONG_CHARS
+                line = self._queue.line(
+                    turn.thread_id, slots=self._slots, replicas=self._replicas,
+                    priority=Priority.LONG if long else Priority.INTERACTIVE,
+                    budget_s=self._config.queue_wait_budget_s,
+                )  # fmt: skip
+                async for item in line:
+                    if isinstance(item, Position):
+                        yield Queued(item)
+                    else:
+                        seated = item
+            except (QueueTimeout, QueueFull) as exc:
+                full = isinstance(exc, QueueFull)
+                trail.outcome = Audited.QUEUE_FULL if full else Audited.QUEUE_TIMEOUT
+                retry = max(5, round(self._config.queue_wait_budget_s / 2))
+                yield Notice(NoticeKind.BUSY, BUSY_TEXT.format(retry=retry), float(retry))
+                yield Done(Outcome.REFUSED, None, Tier.BUSY, None, 0, False)
+                return
         assert seated is not None
         lease, depth = seated.lease, seated.waiting
         trail.replica = lease.replica
@@ -350,7 +344,7 @@ class ChatPipeline:
                 return
         shaped = await self._shaper.shape(
             turn.text,
-            history=await loading,
+            history=entry.history,
             system_prompt=system_prompt,
             tier=tier,
             stream_override=turn.stream,

@@ -275,6 +275,33 @@ class WaitQueue:
             # Shielded so a second cancellation cannot cut the removal short.
             await asyncio.shield(self._leave(entry))
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis the line is kept in (scripts that seat together with other steps run there)."""
+        return self._redis
+
+    SEAT = _SEAT
+    """`seat`'s script (KEYS and ARGV from `seating`; its reply for `seated`), for scripts that
+    seat a request together with other steps in one round trip."""
+
+    def seating(
+        self, session_id: str, *, slots: SlotTable, replicas: Sequence[str]
+    ) -> tuple[list[str], list[str | int]]:
+        """KEYS and ARGV of the seat script for `session_id` on `replicas` (at least one)."""
+        keys = [*slots.keys, *self._line_keys]
+        args = [
+            self._stale_ms,
+            *slots.acquire_args(session_id, replicas=replicas, renew_only=False),
+        ]
+        return keys, args
+
+    @staticmethod
+    def seated(session_id: str, reply: Any) -> Seated | None:
+        """The Seated in a seat script's reply (None: no slot)."""
+        acquired, waiting = reply
+        lease = SlotTable.lease_from(session_id, acquired)
+        return None if lease is None else Seated(lease, int(waiting))
+
     async def seat(
         self, session_id: str, *, slots: SlotTable, replicas: Sequence[str]
     ) -> Seated | None:
@@ -285,17 +312,12 @@ class WaitQueue:
         RedisUnavailable."""
         if not replicas:
             return None
-        keys = [*slots.keys, *self._line_keys]
-        args = [
-            self._stale_ms,
-            *slots.acquire_args(session_id, replicas=replicas, renew_only=False),
-        ]
+        keys, args = self.seating(session_id, slots=slots, replicas=replicas)
         try:
-            reply, waiting = await self._seat(keys=keys, args=args)
+            reply: Any = await self._seat(keys=keys, args=args)
         except RedisError as exc:
             raise RedisUnavailable("slot acquire failed") from exc
-        lease = slots.lease_from(session_id, reply)
-        return None if lease is None else Seated(lease, int(waiting))
+        return self.seated(session_id, reply)
 
     async def record_turn(self, seconds: float) -> None:
         """Feed one turn's duration (seconds a slot was busy answering) into the wait estimate.

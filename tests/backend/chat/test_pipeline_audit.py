@@ -71,19 +71,20 @@ async def make(
         urls: list[str], *, capacity: int = 4, budget_s: float = 5.0, max_depth: int = 10,
         guard: LexiconStore | None = None, limits: RateLimitSettings = LIMITS,
         jsonl: Path | None = None, pool: AsyncConnectionPool | None = None,
-        limiter_redis: aioredis.Redis | None = None,
+        redis: aioredis.Redis | None = None,
     ) -> Audited:  # fmt: skip
         metrics = Metrics()
         engine_pool = EnginePool(urls, llm=LLM, serving=ServingSettings())
         engines.append(engine_pool)
-        limiter = RateLimiter(limiter_redis or redis_client, settings=limits, metrics=metrics)
+        redis = redis or redis_client  # one Redis for all, as chat_ui's runtime wires it
+        limiter = RateLimiter(redis, settings=limits, metrics=metrics)
         pipeline = ChatPipeline(
             pool=engine_pool,
-            slots=SlotTable(redis_client, capacity=capacity, ttl_s=60),
-            queue=WaitQueue(redis_client, max_depth=max_depth, poll_s=0.05),
+            slots=SlotTable(redis, capacity=capacity, ttl_s=60),
+            queue=WaitQueue(redis, max_depth=max_depth, poll_s=0.05),
             shaper=Shaper(tokenizer=EstimateTokenizer(), context_window=4096, max_tokens=256),
-            history=History(redis_client, ttl_s=600, max_messages=40),
-            status=StatusBoard(redis_client),
+            history=History(redis, ttl_s=600, max_messages=40),
+            status=StatusBoard(redis),
             sentiment=None,
             config=PipelineConfig(
                 system_prompt=SYSTEM, slots_per_replica=capacity, queue_wait_budget_s=budget_s
@@ -297,7 +298,7 @@ async def test_redis_down_refuses_before_the_engine(
     down = aioredis.Redis(port=free_port(), socket_connect_timeout=1)
     try:
         with pytest.raises(RedisUnavailable):
-            await ask(make([fake_engine.base_url], limiter_redis=down).pipeline)
+            await ask(make([fake_engine.base_url], redis=down).pipeline)
     finally:
         await down.aclose()
     assert [rec["outcome"] for rec in await records(database)] == ["error"]

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.auth import Role
 from backend.chat.markdown_syntax import link_host
+from backend.serving.discovery import parse_target
 
 # Dev-mode defaults, refused in production mode.
 DEV_AUTH_SECRET = "dev-only-chainlit-auth-secret-change-me-0123456789"  # noqa: S105
@@ -115,6 +116,13 @@ class ServingSettings(BaseModel):
         default_factory=list,
         description="engine base URLs (JSON list); empty: llm.base_url, else the local engine(s)",
     )
+    discover: str | None = Field(
+        None,
+        description="`host:port` whose A/AAAA records are the engine replicas (a headless "
+        "Service: `qwen-engine-pods.qwen.svc.cluster.local:8080`), re-resolved every health "
+        "interval, each address `http://<ip>:<port>/v1`; set: replaces replicas and "
+        "llm.base_url for routing; unset or empty: off",
+    )
     slots_per_replica: int = Field(16, description="conversations pinned per replica at once")
     lease_ttl_s: int = Field(120, description="seconds a session slot lives without a new turn")
     queue_wait_budget_s: float = Field(30.0, description="seconds a request may wait for a slot")
@@ -141,6 +149,17 @@ class ServingSettings(BaseModel):
         default_factory=lambda: ["engine"],
         description="supervised engine process names (set by `qwen-stack up`)",
     )
+
+    @field_validator("discover")
+    @classmethod
+    def _discover_target(cls, target: str | None) -> str | None:
+        if not target:  # an empty variable: off, like unset
+            return None
+        try:
+            parse_target(target)
+        except ValueError as exc:
+            raise ValueError(f"QWEN_SERVING__DISCOVER: {exc}") from exc
+        return target
 
 
 class GuardSettings(BaseModel):

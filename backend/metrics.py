@@ -1,7 +1,7 @@
 """Every Prometheus metric of qwen-stack, in one place.
 
 One `Metrics` per process, built at start-up on its own registry (no global state), exposed at
-`/metrics`. Labels are small fixed sets (outcome, tier, replica from configuration, guard stage,
+`/metrics`. Labels are small fixed sets (outcome, tier, replica in the engine pool, guard stage,
 lexicon category, capped) -- never a user or session id. Latency buckets are sized for LLM answers
 (tens of ms to a minute).
 """
@@ -112,6 +112,16 @@ class Metrics:
         """Add one answer's Markdown rewrites: (kind, count) pairs (`MarkdownFilter.removed`)."""
         for kind, count in removed:
             self.answer_sanitized.labels(kind).inc(count)
+
+    def set_engines(self, *, up: Mapping[str, bool], breaker_open: Mapping[str, bool]) -> None:
+        """Set the replica gauges from the pool's state now: one series per replica in the pool,
+        none left for a replica that has left it (discovered replicas come and go)."""
+        self.engine_up.clear()
+        for replica, is_up in up.items():
+            self.engine_up.labels(replica).set(1 if is_up else 0)
+        self.breaker_open.clear()
+        for replica, is_open in breaker_open.items():
+            self.breaker_open.labels(replica).set(1 if is_open else 0)
 
     def set_slots(self, in_use: Mapping[str, int] | None, *, capacity: Mapping[str, int]) -> None:
         """Set the slot gauges from one read of the slot table: `in_use` live leases per replica

@@ -29,6 +29,7 @@ from backend.guard import LexiconStore, builtin_lexicon_dir, jieba_segmenter
 from backend.metrics import Metrics
 from backend.rag.client import RagClient
 from backend.ratelimit import LoginLimiter, RateLimiter
+from backend.serving.discovery import ReplicaDiscovery
 from backend.serving.engine import ChatRequest
 from backend.serving.launcher import engine_urls
 from backend.serving.pool import EnginePool
@@ -95,7 +96,14 @@ class Runtime:
         )
         serving = settings.serving
         urls = engine_urls(settings)
-        engines = EnginePool(urls, llm=settings.llm, serving=serving)
+        # With discovery the pool starts empty and fills on the health loop's first round; token
+        # counts still go to the configured URL (any replica counts the same).
+        engines = EnginePool(
+            [] if serving.discover else urls,
+            llm=settings.llm,
+            serving=serving,
+            discovery=ReplicaDiscovery(serving.discover) if serving.discover else None,
+        )
         tokenizer = EngineTokenizer(
             urls[0], model=settings.llm.model, api_key=settings.llm.api_key.get_secret_value()
         )

@@ -125,10 +125,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def metrics() -> Response:
         rt = runtime_module.current()
         available = rt.engines.available()
-        for url in rt.engines.urls:
-            rt.metrics.engine_up.labels(url).set(1 if url in available else 0)
-            open_ = rt.engines.breaker_state(url) is BreakerState.OPEN
-            rt.metrics.breaker_open.labels(url).set(1 if open_ else 0)
+        rt.metrics.set_engines(
+            up={url: url in available for url in rt.engines.urls},
+            breaker_open={
+                url: rt.engines.breaker_state(url) is BreakerState.OPEN for url in rt.engines.urls
+            },
+        )
         # Slots are read from Redis, not counted here: leases expire on their own and other
         # chat_ui processes share the table.
         try:

@@ -9,6 +9,14 @@ circuit breaker lets requests through.
 `start()` opens a stream and returns only once the first token has arrived, trying the replicas in
 the caller's order: failover happens before the first token and never after it, so a user never
 sees an answer restart on another replica.
+
+The replica set is fixed (`urls`) or discovered (`discovery`, backend/serving/discovery.py): then
+every health round first re-resolves it and `set_replicas` applies the answer. A replica that
+appears is probed in that round and is available once a probe succeeds. A replica that disappears
+is *retired*: it leaves `urls` and `available()` at once, so no new request goes to it, but the
+streams already running on it go on to their end; its client is closed when the last of them ends
+(or at `aclose()`). With discovery the pool may be empty (before the first resolution, or when no
+replica is left): `available()` is then `[]`, as when every replica is down.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from backend.errors import (
     EngineUnavailable,
     TimeoutPhase,
 )
+from backend.serving.discovery import ReplicaDiscovery
 from backend.serving.engine import ChatRequest, OpenAIEngine
 
 logger = logging.getLogger(__name__)
@@ -111,12 +120,16 @@ class Started:
 
 
 class _Replica:
-    def __init__(self, url: str, engine: OpenAIEngine, breaker: CircuitBreaker) -> None:
+    def __init__(
+        self, url: str, engine: OpenAIEngine, breaker: CircuitBreaker, *, healthy: bool
+    ) -> None:
         self.url = url
         self.engine = engine
         self.breaker = breaker
-        self.healthy = True  # optimistic until the first probe says otherwise
+        self.healthy = healthy
         self.load = ReplicaLoad()
+        self.in_flight = 0  # streams and warm-ups using `engine` now
+        self.retired = False  # no longer in the pool; `engine` closes when in_flight reaches 0
 
 
 def parse_vllm_metrics(text: str) -> ReplicaLoad:
@@ -136,7 +149,12 @@ def parse_vllm_metrics(text: str) -> ReplicaLoad:
 
 
 class EnginePool:
-    """Replicas by base URL. Build at start-up, `run_health_checks()` as a task, `aclose()` at end."""
+    """Replicas by base URL. Build at start-up, `run_health_checks()` as a task, `aclose()` at end.
+
+    `urls` are the replicas to start with (healthy until a probe says otherwise); without
+    `discovery` they are the pool for good and must not be empty. With `discovery` the pool may
+    start empty and follows what it resolves to (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -145,32 +163,49 @@ class EnginePool:
         llm: LLMSettings,
         serving: ServingSettings,
         clock: Callable[[], float] = time.monotonic,
+        discovery: ReplicaDiscovery | None = None,
     ) -> None:
-        if not urls:
-            raise ValueError("an engine pool needs at least one replica URL")
+        if not urls and discovery is None:
+            raise ValueError("an engine pool needs at least one replica URL or a discovery")
+        self._llm = llm
         self._serving = serving
+        self._clock = clock
+        self._discovery = discovery
         self._replicas = {
-            url: _Replica(
-                url,
-                OpenAIEngine.from_settings(
-                    llm, base_url=url, send_priority=serving.priority_scheduling
-                ),
-                CircuitBreaker(
-                    failures=serving.breaker_failures,
-                    reset_s=serving.breaker_reset_s,
-                    clock=clock,
-                ),
-            )
+            url: self._new_replica(url, healthy=True)  # optimistic until the first probe
             for url in dict.fromkeys(u.rstrip("/") for u in urls)
         }
+        self._retiring: dict[str, _Replica] = {}  # retired, with streams still running
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(3.0), trust_env=False)
+
+    def _new_replica(self, url: str, *, healthy: bool) -> _Replica:
+        serving = self._serving
+        return _Replica(
+            url,
+            OpenAIEngine.from_settings(
+                self._llm, base_url=url, send_priority=serving.priority_scheduling
+            ),
+            CircuitBreaker(
+                failures=serving.breaker_failures,
+                reset_s=serving.breaker_reset_s,
+                clock=self._clock,
+            ),
+            healthy=healthy,
+        )
 
     @property
     def urls(self) -> list[str]:
+        """The replicas in the pool (retired ones excluded), in configuration order."""
         return list(self._replicas)
 
+    @property
+    def retiring(self) -> list[str]:
+        """Retired replicas whose streams are still running (their clients are still open)."""
+        return list(self._retiring)
+
     def available(self) -> list[str]:
-        """Healthy replicas whose breaker is not open, in configuration order."""
+        """Healthy replicas whose breaker is not open, in configuration order (discovered
+        replicas: sorted by address). Empty when none is, or the pool is empty."""
         return [
             r.url
             for r in self._replicas.values()
@@ -193,9 +228,46 @@ class EnginePool:
             kv_cache_usage=max(kv) if kv else None,
         )
 
+    async def set_replicas(self, urls: Sequence[str]) -> None:
+        """Make `urls` the pool, in that order. New replicas are unavailable until a probe
+        succeeds (`probe`); replicas not in `urls` are retired (see the module docstring); a
+        retired replica that comes back is taken back with its breaker and running streams."""
+        wanted = list(dict.fromkeys(u.rstrip("/") for u in urls))
+        previous = self._replicas
+        replicas: dict[str, _Replica] = {}
+        for url in wanted:
+            replica = previous.get(url) or self._retiring.pop(url, None)
+            if replica is None:
+                replica = self._new_replica(url, healthy=False)
+                logger.info("engine %s joined the pool", url)
+            elif replica.retired:
+                replica.retired, replica.healthy = False, False
+                logger.info("engine %s rejoined the pool", url)
+            replicas[url] = replica
+        self._replicas = replicas
+        for url, replica in previous.items():
+            if url in replicas:
+                continue
+            replica.retired = True
+            logger.info(
+                "engine %s left the pool (%d stream(s) still running on it)", url, replica.in_flight
+            )
+            if replica.in_flight:
+                self._retiring[url] = replica
+            else:
+                await replica.engine.aclose()
+
+    async def rediscover(self) -> None:
+        """Resolve the discovery now and apply its answer (`set_replicas`); no-op without one."""
+        if self._discovery is not None:
+            await self.set_replicas(await self._discovery.replicas())
+
     async def probe(self, url: str) -> bool:
-        """Probe one replica now; updates its health and load. Never raises."""
-        replica = self._replicas[url]
+        """Probe one replica now; updates its health and load. Never raises (False for a URL
+        not in the pool)."""
+        replica = self._replicas.get(url)
+        if replica is None:
+            return False
         try:
             response = await self._http.get(url + "/models")
             healthy = response.status_code == 200
@@ -219,9 +291,11 @@ class EnginePool:
         return parse_vllm_metrics(response.text)
 
     async def run_health_checks(self) -> None:
-        """Probe every replica every `health_interval_s` until cancelled."""
+        """Every `health_interval_s` until cancelled: re-resolve the replicas (with discovery),
+        then probe every one."""
         while True:
-            await asyncio.gather(*(self.probe(url) for url in self._replicas))
+            await self.rediscover()
+            await asyncio.gather(*(self.probe(url) for url in list(self._replicas)))
             await asyncio.sleep(self._serving.health_interval_s)
 
     async def start(self, request: ChatRequest, *, order: Sequence[str]) -> Started:
@@ -236,17 +310,20 @@ class EnginePool:
             replica = self._replicas.get(url)
             if replica is None or not replica.breaker.allow():
                 continue
+            replica.in_flight += 1
             stream = replica.engine.stream(request)
             try:
                 first = await anext(stream)
             except StopAsyncIteration:
                 replica.breaker.record_success()
+                await self._release(replica)
                 return Started(replica=url, first="", rest=_empty())
             except EngineRejected:
                 replica.breaker.record_success()  # the replica is fine; the request is not
+                await self._release(replica)
                 raise
             except (EngineUnavailable, EngineTimeout) as exc:
-                await stream.aclose()
+                await self._finish(replica, stream)
                 if isinstance(exc, EngineTimeout) and exc.phase not in (
                     TimeoutPhase.CONNECT,
                     TimeoutPhase.FIRST_TOKEN,
@@ -257,39 +334,65 @@ class EnginePool:
                 last = exc
                 continue
             except BaseException:
-                await stream.aclose()
+                await self._finish(replica, stream)
                 raise
-            return Started(replica=url, first=first, rest=self._tracked(replica, stream))
+            rest = self._tracked(replica, stream)
+            # Run it up to its try block, so that closing it, even before its first delta is
+            # read, closes the engine stream and releases the replica.
+            await anext(rest)
+            return Started(replica=url, first=first, rest=rest)
         raise last
 
-    @staticmethod
     async def _tracked(
-        replica: _Replica, stream: AsyncGenerator[str, None]
+        self, replica: _Replica, stream: AsyncGenerator[str, None]
     ) -> AsyncGenerator[str, None]:
-        """The rest of a stream; its outcome feeds the replica's breaker."""
+        """The rest of a stream, primed by `start` (its first item is ""); its outcome feeds the
+        replica's breaker, its end releases the replica."""
         try:
+            yield ""
             async for delta in stream:
                 yield delta
         except (EngineUnavailable, EngineTimeout):
             replica.breaker.record_failure()
             raise
         finally:
-            await stream.aclose()
+            await self._finish(replica, stream)
         replica.breaker.record_success()
+
+    async def _finish(self, replica: _Replica, stream: AsyncGenerator[str, None]) -> None:
+        """Close an engine stream of `replica`, then release the replica."""
+        try:
+            await stream.aclose()
+        finally:
+            await self._release(replica)
+
+    async def _release(self, replica: _Replica) -> None:
+        """One use of `replica` ended; the last use of a retired replica closes its client."""
+        replica.in_flight -= 1
+        if replica.in_flight == 0 and self._retiring.get(replica.url) is replica:
+            del self._retiring[replica.url]
+            await replica.engine.aclose()
 
     async def warm_up(self, url: str, request: ChatRequest) -> None:
         """Prefill `request` (max_tokens 1) on `url` so its prefix cache holds it. Never raises."""
         replica = self._replicas.get(url)
         if replica is None:
             return
-        with contextlib.suppress(EngineError):
-            async with contextlib.aclosing(replica.engine.stream(request)) as stream:
-                async for _ in stream:
-                    pass
+        replica.in_flight += 1
+        try:
+            with contextlib.suppress(EngineError):
+                async with contextlib.aclosing(replica.engine.stream(request)) as stream:
+                    async for _ in stream:
+                        pass
+        finally:
+            await self._release(replica)
 
     async def aclose(self) -> None:
+        """Close every client, those of retired replicas with streams still running included."""
         await self._http.aclose()
-        for replica in self._replicas.values():
+        replicas = [*self._replicas.values(), *self._retiring.values()]
+        self._retiring.clear()
+        for replica in replicas:
             await replica.engine.aclose()
 
 

@@ -111,6 +111,28 @@ def test_nested_delimiter(env: pytest.MonkeyPatch) -> None:
     assert (settings.llm.base_url, settings.engine.port) == ("http://vllm:8000/v1", 9001)
 
 
+def test_discover_from_env(env: pytest.MonkeyPatch) -> None:
+    env.setenv("QWEN_SERVING__DISCOVER", "qwen-engine-pods.qwen.svc.cluster.local:8080")
+    assert Settings().serving.discover == "qwen-engine-pods.qwen.svc.cluster.local:8080"
+
+
+def test_discover_refuses_a_url(env: pytest.MonkeyPatch) -> None:
+    env.setenv("QWEN_SERVING__DISCOVER", "http://qwen-engine-pods:8080/v1")
+    with pytest.raises(ValidationError, match=r"QWEN_SERVING__DISCOVER: .* is not host:port"):
+        Settings()
+
+
+def test_discover_refuses_a_bad_port(env: pytest.MonkeyPatch) -> None:
+    env.setenv("QWEN_SERVING__DISCOVER", "qwen-engine-pods:65536")
+    with pytest.raises(ValidationError, match="port 65536"):
+        Settings()
+
+
+def test_empty_discover_is_off(env: pytest.MonkeyPatch) -> None:
+    env.setenv("QWEN_SERVING__DISCOVER", "")
+    assert Settings().serving.discover is None
+
+
 def test_nested_secret(env: pytest.MonkeyPatch) -> None:
     env.setenv("QWEN_DATABASE__URL", "postgresql://db/qwen")
     url = Settings().database.url

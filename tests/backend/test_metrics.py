@@ -26,3 +26,14 @@ def test_registries_are_independent() -> None:
     first, second = Metrics(), Metrics()
     first.requests.labels("ok").inc()
     assert second.registry.get_sample_value("qwen_requests_total", {"outcome": "ok"}) is None
+
+
+def test_engine_series_of_a_replica_that_left_are_removed() -> None:
+    metrics = Metrics()
+    a, b = "http://10.0.0.1:8080/v1", "http://10.0.0.2:8080/v1"
+    metrics.set_engines(up={a: True, b: False}, breaker_open={a: False, b: True})
+    assert metrics.registry.get_sample_value("qwen_engine_up", {"replica": b}) == 0
+    metrics.set_engines(up={a: True}, breaker_open={a: False})
+    for name in ("qwen_engine_up", "qwen_engine_breaker_open"):
+        assert metrics.registry.get_sample_value(name, {"replica": b}) is None
+        assert metrics.registry.get_sample_value(name, {"replica": a}) is not None

@@ -16,8 +16,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from backend.config import UISettings
+from backend.config import ServingSettings, UISettings
 from backend.rag.jobs import JobQueue
+from backend.serving.discovery import parse_target
 from tests.infra import files
 
 K8S_VERSION = "1.30"
@@ -403,6 +404,20 @@ def test_internal_urls_point_at_services() -> None:
     assert (
         config["QWEN_LLM__BASE_URL"] == "http://qwen-engine-predictor/v1"
     )  # KServe's Service, port 80
+
+
+def test_engine_discovery_resolves_to_the_engine_pods() -> None:
+    config = files.k8s_object("ConfigMap", "qwen-config")["data"]
+    target = ServingSettings(discover=config["QWEN_SERVING__DISCOVER"]).discover
+    assert target is not None
+    host, port = parse_target(target)
+    service = files.k8s_object("Service", host.split(".")[0])
+    assert service["spec"]["clusterIP"] == "None"  # headless: DNS answers with the pod IPs
+    assert not service["spec"].get("publishNotReadyAddresses", False)
+    assert matches(service["spec"]["selector"], pod_labels()["qwen-engine"])
+    # The addresses are the pods', so the port is the container's, not the Service's.
+    (container,) = files.k8s_object("ServingRuntime", "qwen-vllm")["spec"]["containers"]
+    assert port in {p["containerPort"] for p in container["ports"]}
 
 
 def test_readme_documents_the_secret_keys() -> None:

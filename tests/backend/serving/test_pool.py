@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
 import pytest
+import redis.asyncio as aioredis
 
 from backend.config import LLMSettings, ServingSettings
 from backend.errors import EngineRejected, EngineTimeout, EngineUnavailable
+from backend.serving.discovery import ReplicaDiscovery
 from backend.serving.engine import ChatRequest, Message, TimeoutPhase
 from backend.serving.pool import (
     BreakerState,
@@ -11,7 +18,8 @@ from backend.serving.pool import (
     EnginePool,
     parse_vllm_metrics,
 )
-from tests.fixtures.engines import FakeEngineHandle, free_port
+from backend.serving.slots import SlotTable
+from tests.fixtures.engines import PAIR_ADDRESSES, FakeEngineHandle, ScriptedResolver, free_port
 
 REQUEST = ChatRequest(messages=(Message(role="user", content="你好"),), max_tokens=16)
 LLM = LLMSettings(first_token_timeout_s=1.0, inter_token_timeout_s=0.3, connect_timeout_s=1.0)
@@ -185,3 +193,163 @@ async def test_killed_replica_sends_new_work_elsewhere(fake_engine: FakeEngineHa
     finally:
         await pool.aclose()
     assert replica == fake_engine.base_url
+
+
+# Replicas discovered through DNS: `fake_engine_pair` listens on 127.0.0.1 and 127.0.0.2 with one
+# port, and a ScriptedResolver answers for the name with either address or both.
+Pair = tuple[FakeEngineHandle, FakeEngineHandle]
+FAST_ROUNDS = ServingSettings(breaker_failures=2, breaker_reset_s=30.0, health_interval_s=0.01)
+A_ONLY, B_ONLY, BOTH = [PAIR_ADDRESSES[0]], [PAIR_ADDRESSES[1]], list(reversed(PAIR_ADDRESSES))
+
+
+def discovered(pair: Pair, resolver: ScriptedResolver) -> EnginePool:
+    port = pair[0].base_url.removesuffix("/v1").rsplit(":", 1)[1]
+    discovery = ReplicaDiscovery(f"engines.test:{port}", resolver=resolver)
+    return EnginePool([], llm=LLM, serving=FAST_ROUNDS, discovery=discovery)
+
+
+@contextlib.asynccontextmanager
+async def health_checked(pool: EnginePool) -> AsyncIterator[EnginePool]:
+    """The pool with its health loop running; closed on the way out."""
+    task = asyncio.create_task(pool.run_health_checks())
+    try:
+        yield pool
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await pool.aclose()
+
+
+def test_pool_needs_replicas_or_discovery() -> None:
+    with pytest.raises(ValueError, match="at least one replica"):
+        EnginePool([], llm=LLM, serving=SERVING)
+
+
+async def test_discovered_pool_is_empty_until_resolved() -> None:
+    resolver = ScriptedResolver()
+    resolver.failure = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    pool = EnginePool(
+        [], llm=LLM, serving=SERVING,
+        discovery=ReplicaDiscovery("engines.test:8080", resolver=resolver),
+    )  # fmt: skip
+    try:
+        await pool.rediscover()
+        assert (pool.urls, pool.available()) == ([], [])
+        with pytest.raises(EngineUnavailable):
+            await pool.start(REQUEST, order=pool.available())
+    finally:
+        await pool.aclose()
+
+
+async def test_discovered_replica_is_available_after_a_probe(fake_engine_pair: Pair) -> None:
+    a, b = fake_engine_pair
+    pool = discovered(fake_engine_pair, ScriptedResolver(BOTH))
+    try:
+        await pool.rediscover()
+        assert (pool.urls, pool.available()) == ([a.base_url, b.base_url], [])
+        assert await pool.probe(b.base_url)
+        assert pool.available() == [b.base_url]
+    finally:
+        await pool.aclose()
+
+
+async def test_replicas_follow_dns_across_health_rounds(fake_engine_pair: Pair) -> None:
+    a, b = fake_engine_pair
+    resolver = ScriptedResolver(A_ONLY)
+    async with health_checked(discovered(fake_engine_pair, resolver)) as pool:
+        await resolver.rounds()
+        assert pool.available() == [a.base_url]
+        resolver.addresses = BOTH
+        await resolver.rounds()
+        assert pool.available() == [a.base_url, b.base_url]
+        resolver.addresses = B_ONLY
+        await resolver.rounds()
+        assert (pool.urls, pool.available()) == ([b.base_url], [b.base_url])
+        resolver.failure = socket.gaierror(socket.EAI_AGAIN, "Temporary failure")
+        await resolver.rounds()
+        assert pool.available() == [b.base_url]  # a failed resolution keeps the pool
+
+
+async def test_retired_replica_gets_no_new_requests(fake_engine_pair: Pair) -> None:
+    a, b = fake_engine_pair
+    resolver = ScriptedResolver(BOTH)
+    pool = discovered(fake_engine_pair, resolver)
+    try:
+        await pool.rediscover()
+        resolver.addresses = A_ONLY
+        await pool.rediscover()
+        a.script([{"text": "留下的副本"}])
+        replica, text = await collect(pool, [b.base_url, a.base_url])
+    finally:
+        await pool.aclose()
+    assert (replica, text) == (a.base_url, "留下的副本")
+    assert b.log() == []
+
+
+async def test_stream_on_retired_replica_finishes_whole(fake_engine_pair: Pair) -> None:
+    _, b = fake_engine_pair
+    whole = "退出时的回答要完整送达"  # within max_tokens: one character per token
+    b.script([{"text": whole, "token_delay_s": 0.02}])
+    resolver = ScriptedResolver(BOTH)
+    pool = discovered(fake_engine_pair, resolver)
+    try:
+        await pool.rediscover()
+        started = await pool.start(REQUEST, order=[b.base_url])
+        resolver.addresses = A_ONLY
+        await pool.rediscover()
+        assert b.base_url not in pool.urls and b.base_url not in pool.available()
+        assert pool.retiring == [b.base_url]  # its stream runs on: its client stays open
+        text = started.first + "".join([delta async for delta in started.rest])
+        assert pool.retiring == []  # the stream ended: the client is closed
+    finally:
+        await pool.aclose()
+    assert (started.replica, text) == (b.base_url, whole)
+    (exchange,) = await b.settled_log()
+    assert exchange["finished"] and not exchange["disconnected"]
+
+
+async def test_returning_replica_keeps_its_running_stream(fake_engine_pair: Pair) -> None:
+    a, b = fake_engine_pair
+    b.script([{"text": "回来了", "token_delay_s": 0.02}, {"text": "再来一次"}])
+    resolver = ScriptedResolver(BOTH)
+    pool = discovered(fake_engine_pair, resolver)
+    try:
+        await pool.rediscover()
+        started = await pool.start(REQUEST, order=[b.base_url])
+        resolver.addresses = A_ONLY
+        await pool.rediscover()
+        resolver.addresses = BOTH
+        await pool.rediscover()
+        assert (pool.urls, pool.retiring) == ([a.base_url, b.base_url], [])
+        assert b.base_url not in pool.available()  # unavailable again until a probe succeeds
+        first = started.first + "".join([delta async for delta in started.rest])
+        assert await pool.probe(b.base_url)
+        replica, again = await collect(pool, [b.base_url])  # its client was not closed
+    finally:
+        await pool.aclose()
+    assert (first, replica, again) == ("回来了", b.base_url, "再来一次")
+
+
+async def test_new_replica_receives_new_conversations(
+    fake_engine_pair: Pair, redis_client: aioredis.Redis
+) -> None:
+    a, b = fake_engine_pair
+    slots = SlotTable(redis_client, capacity=4, ttl_s=120)
+    resolver = ScriptedResolver(A_ONLY)
+    async with health_checked(discovered(fake_engine_pair, resolver)) as pool:
+        await resolver.rounds()
+        for session in ("s1", "s2"):
+            lease = await slots.acquire(session, replicas=pool.available())
+            assert lease is not None and lease.replica == a.base_url
+        resolver.addresses = BOTH
+        await resolver.rounds()
+        lease = await slots.acquire("s3", replicas=pool.available())
+        assert lease is not None and (lease.replica, lease.new) == (b.base_url, True)
+        b.script([{"text": "新副本接手新对话"}])
+        order = [lease.replica, *(u for u in pool.available() if u != lease.replica)]
+        replica, text = await collect(pool, order)
+        kept = await slots.acquire("s1", replicas=pool.available())
+    assert (replica, text) == (b.base_url, "新副本接手新对话")
+    assert a.log() == []
+    assert kept is not None and (kept.replica, kept.new) == (a.base_url, False)

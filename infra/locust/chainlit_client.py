@@ -25,6 +25,7 @@ import socketio
 
 SOCKET_PATH = "/chat/ws/socket.io"
 KB_PROFILE = "知识库问答"  # chat_ui/knowledge.py KB_PROFILE
+NOTICE_AUTHOR = "系统"  # chat_ui/app.py SYSTEM_AUTHOR: queue positions and notices, not answers
 
 
 class ChatError(Exception):
@@ -43,6 +44,7 @@ class Answer:
     pieces: int
     error: str | None = None
     disconnected: bool = False  # the server closed the socket before the turn ended
+    notices: list[str] = field(default_factory=list)  # queue positions, notices, in order
 
 
 @dataclass
@@ -55,6 +57,7 @@ class _Turn:
     texts: dict[str, str] = field(default_factory=dict)  # step id -> its text so far, in order
     error: str | None = None
     disconnected: bool = False
+    notices: list[str] = field(default_factory=list)
 
 
 def login(base_url: str, user: str, password: str, *, timeout_s: float = 30.0) -> str:
@@ -130,10 +133,17 @@ class ChainlitSession:
 
     def _on_step(self, step: dict[str, Any]) -> None:
         # new_message / update_message / stream_start carry the step's whole text so far.
-        if step.get("type") == "assistant_message" and step.get("output"):
-            self._text(str(step.get("id")), str(step["output"]), append=False)
-            if step.get("isError") and self._turn is not None:
-                self._turn.error = str(step["output"])
+        if step.get("type") != "assistant_message" or not step.get("output"):
+            return
+        turn = self._turn
+        if step.get("isError") and turn is not None:
+            turn.error = str(step["output"])
+            turn.first_text.set()  # wakes `on_first_text` waiters: no answer text will come
+        if step.get("name") == NOTICE_AUTHOR:  # the queue position or a notice, not the answer
+            if turn is not None:
+                turn.notices.append(str(step["output"]))
+            return
+        self._text(str(step.get("id")), str(step["output"]), append=False)
 
     def _on_token(self, data: dict[str, Any]) -> None:
         if not data.get("isInput"):
@@ -193,6 +203,7 @@ class ChainlitSession:
             pieces=turn.pieces,
             error=turn.error,
             disconnected=turn.disconnected,
+            notices=turn.notices,
         )
 
     @property

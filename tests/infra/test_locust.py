@@ -8,11 +8,14 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from backend.auth import Role
 from tests.infra import files, stack
@@ -41,6 +44,29 @@ def chat_ui(
     ui = stack.start_chat_ui(settings, tmp_path_factory.mktemp("locust-ui"))
     try:
         yield ui.url
+    finally:
+        ui.stop()
+        stack.drop_database(database_url, name)
+
+
+@pytest.fixture(scope="module")
+def one_slot_ui(
+    database_url: str,
+    redis_url: str,
+    fake_engine_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, str]]:
+    """(chat_ui URL, its Redis URL) with one session slot: a second conversation waits in line."""
+    name, db_url = stack.new_database(database_url, USERS, password=PASSWORD)
+    ui_redis = stack.redis_db(redis_url, 11)
+    settings = {
+        "QWEN_DATABASE__URL": db_url, "QWEN_REDIS__URL": ui_redis,
+        "QWEN_LLM__BASE_URL": fake_engine_url, "QWEN_SERVING__SENTIMENT": "false",
+        "QWEN_SERVING__WARMUP": "false", "QWEN_SERVING__SLOTS_PER_REPLICA": "1",
+    }  # fmt: skip
+    ui = stack.start_chat_ui(settings, tmp_path_factory.mktemp("one-slot-ui"))
+    try:
+        yield ui.url, ui_redis
     finally:
         ui.stop()
         stack.drop_database(database_url, name)
@@ -83,3 +109,32 @@ def test_a_run_reports_slos_and_draws_the_chart(chat_ui: str, tmp_path: Path) ->
     assert summary["passed"] is False and result.returncode == 1
     assert json.loads(result.stdout.strip().splitlines()[-1]) == summary
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_queued_turn_is_timed_to_its_answer_not_its_queue_note(
+    one_slot_ui: tuple[str, str],
+) -> None:
+    """The queue position chat_ui shows while a turn waits is not the answer's first text."""
+    url, redis_url = one_slot_ui
+    client = stack.load_client()
+    holder = client.ChainlitSession(url, token=client.login(url, "load0", PASSWORD), user="load0")
+    waiter = client.ChainlitSession(url, token=client.login(url, "load1", PASSWORD), user="load1")
+    holder.open()
+    waiter.open()
+    line = redis.Redis.from_url(redis_url)
+    try:
+        assert holder.ask("你好").error is None  # its conversation now holds the one slot
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(waiter.ask, "我在排队")
+            for _ in range(300):  # until the waiter stands in line (chat_ui's WaitQueue)
+                if line.zcard("qs:queue:line") or queued.done():
+                    break
+                time.sleep(0.1)
+            holder.close()  # the chat ends: its slot frees, the waiter is seated
+            answer = queued.result(timeout=120)
+    finally:
+        line.close()
+        waiter.close()
+    assert answer.error is None and answer.text.endswith("我在排队")
+    assert any("排队中" in notice for notice in answer.notices)
+    assert "排队中" not in answer.text

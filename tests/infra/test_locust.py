@@ -73,7 +73,7 @@ def one_slot_ui(
 
 
 def run_locust(
-    url: str, out: Path, *slo: str
+    url: str, out: Path, *slo: str, conversations: int = 9
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     locust = shutil.which("locust", path=str(Path(sys.executable).parent))
     assert locust, "locust is a dev dependency (pyproject.toml)"
@@ -81,7 +81,7 @@ def run_locust(
     users.write_text("".join(f"{name}:{PASSWORD}\n" for name in USERS), encoding="utf-8")
     argv = [
         locust, "-f", str(files.INFRA / "locust" / "locustfile.py"), "--headless", "--host", url,
-        "-u", "3", "-r", "3", "--conversations", "9", "--run-time", "180s", "--qwen-users", str(users),
+        "-u", "3", "-r", "3", "--conversations", str(conversations), "--run-time", "180s", "--qwen-users", str(users),
         "--kb-share", "0", "--think-s", "0.01", "--chart", str(out / "chart.png"),
         "--summary", str(out / "summary.json"), "--only-summary", "--loglevel", "WARNING", *slo,
     ]  # fmt: skip
@@ -90,25 +90,35 @@ def run_locust(
     return result, summary
 
 
-def test_a_run_reports_slos_and_draws_the_chart(chat_ui: str, tmp_path: Path) -> None:
-    # An unreachable TTFT objective next to two that hold: one verdict of each kind.
+def test_a_run_within_its_slos_passes_and_draws_the_chart(chat_ui: str, tmp_path: Path) -> None:
     result, summary = run_locust(
         chat_ui,
         tmp_path,
         "--slo-ttft-p95",
-        "0.000001",
+        "2",
         "--slo-answer-p95",
-        "120",
+        "30",
         "--slo-error-ratio",
-        "0",
+        "0.01",
     )
     assert summary["turns"] == 9 * 3 and summary["errors"] == 0, result.stdout + result.stderr
+    assert all(verdict["met"] for verdict in summary["slo"].values()), summary
+    assert summary["passed"] is True and result.returncode == 0
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == summary
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missed_slo_fails_the_run(chat_ui: str, tmp_path: Path) -> None:
+    # An unreachable TTFT objective next to two that hold: one verdict of each kind.
+    result, summary = run_locust(
+        chat_ui, tmp_path, "--slo-ttft-p95", "0.000001", "--slo-answer-p95", "120",
+        "--slo-error-ratio", "0", conversations=3,
+    )  # fmt: skip
+    assert summary["turns"] == 3 * 3 and summary["errors"] == 0, result.stdout + result.stderr
     slo = summary["slo"]
     assert slo["ttft_p95_s"]["met"] is False and slo["ttft_p95_s"]["value"] > 0
     assert slo["answer_p95_s"]["met"] is True and slo["error_ratio"]["met"] is True
     assert summary["passed"] is False and result.returncode == 1
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == summary
-    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_queued_turn_is_timed_to_its_answer_not_its_queue_note(

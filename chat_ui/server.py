@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from backend.config import Settings, export_chainlit_env
 from backend.errors import RedisUnavailable
-from backend.serving.pool import BreakerState
+from backend.serving.breaker import BreakerState
 from chat_ui import runtime as runtime_module
 from chat_ui.drain import ShutdownSignals
 from chat_ui.headers import SecurityHeaders

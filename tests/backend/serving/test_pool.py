@@ -9,29 +9,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from backend.config import LLMSettings, ServingSettings
-from backend.errors import EngineRejected, EngineTimeout, EngineUnavailable
+from backend.errors import EngineRejected, EngineTimeout, EngineUnavailable, TimeoutPhase
+from backend.serving.breaker import BreakerState
 from backend.serving.discovery import ReplicaDiscovery
-from backend.serving.engine import ChatRequest, Message, TimeoutPhase
-from backend.serving.pool import (
-    BreakerState,
-    CircuitBreaker,
-    EnginePool,
-    parse_vllm_metrics,
-)
+from backend.serving.engine import ChatRequest, Message
+from backend.serving.pool import EnginePool, parse_vllm_metrics
 from backend.serving.slots import SlotTable
 from tests.fixtures.engines import PAIR_ADDRESSES, FakeEngineHandle, ScriptedResolver, free_port
 
 REQUEST = ChatRequest(messages=(Message(role="user", content="你好"),), max_tokens=16)
 LLM = LLMSettings(first_token_timeout_s=1.0, inter_token_timeout_s=0.3, connect_timeout_s=1.0)
 SERVING = ServingSettings(breaker_failures=2, breaker_reset_s=30.0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def dead_url() -> str:
@@ -47,45 +35,6 @@ async def collect(pool: EnginePool, order: list[str]) -> tuple[str, str]:
     started = await pool.start(REQUEST, order=order)
     text = started.first + "".join([d async for d in started.rest])
     return started.replica, text
-
-
-def test_breaker_opens_after_threshold() -> None:
-    breaker = CircuitBreaker(failures=2, reset_s=10, clock=Clock())
-    breaker.record_failure()
-    assert breaker.allow()
-    breaker.record_failure()
-    assert breaker.state is BreakerState.OPEN
-    assert not breaker.allow()
-
-
-def test_breaker_half_open_allows_one_trial() -> None:
-    clock = Clock()
-    breaker = CircuitBreaker(failures=1, reset_s=10, clock=clock)
-    breaker.record_failure()
-    clock.now = 10.0
-    assert breaker.state is BreakerState.HALF_OPEN
-    assert breaker.allow()
-    assert not breaker.allow()
-
-
-def test_breaker_trial_success_closes() -> None:
-    clock = Clock()
-    breaker = CircuitBreaker(failures=1, reset_s=10, clock=clock)
-    breaker.record_failure()
-    clock.now = 10.0
-    breaker.allow()
-    breaker.record_success()
-    assert breaker.state is BreakerState.CLOSED
-
-
-def test_breaker_trial_failure_reopens() -> None:
-    clock = Clock()
-    breaker = CircuitBreaker(failures=1, reset_s=10, clock=clock)
-    breaker.record_failure()
-    clock.now = 10.0
-    breaker.allow()
-    breaker.record_failure()
-    assert breaker.state is BreakerState.OPEN
 
 
 def test_parse_vllm_metrics_sums_label_sets() -> None:

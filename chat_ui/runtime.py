@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncGenerator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ class Runtime:
         guard = LexiconStore(
             settings.guard.lexicon_dir or builtin_lexicon_dir(),
             segmenter=jieba_segmenter(cache_dir=settings.state_dir / "jieba"),
-            check_interval_s=settings.guard.reload_interval_s,
+            check_interval_s=math.inf,  # reloaded by `watch` below, off the event loop
         )
         slots = SlotTable(redis, capacity=serving.slots_per_replica, ttl_s=serving.lease_ttl_s)
         pipeline = ChatPipeline(
@@ -172,6 +173,7 @@ class Runtime:
             rag=rag, logins=LoginLimiter(redis, settings=settings.ratelimit, metrics=metrics),
         )  # fmt: skip
         runtime._tasks.append(asyncio.create_task(engines.run_health_checks()))
+        runtime._tasks.append(asyncio.create_task(guard.watch(settings.guard.reload_interval_s)))
         return runtime
 
     async def aclose(self) -> None:

@@ -32,7 +32,7 @@ EMBEDDED_PROGRESS = 0.95  # progress once every batch is embedded; the store's f
 EMBED_GROUP_BATCHES = 4  # embedding batches per embedder call (progress is reported per call)
 
 Progress = Callable[[float], Awaitable[None]]
-# The lexicon in force, asked for once per document (LexiconStore.current: it may reload).
+# The lexicon in force, asked for once per document (LexiconStore.current).
 MatcherProvider = Callable[[], Matcher]
 
 

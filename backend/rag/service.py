@@ -55,6 +55,7 @@ class RagService:
     workers: list[IngestWorker] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _watching: asyncio.Task[None] | None = None  # the lexicon's reloads (LexiconStore.watch)
 
     @classmethod
     async def start(cls, settings: Settings, *, consume: bool = True) -> RagService:
@@ -102,6 +103,7 @@ class RagService:
     async def _start_consumers(self) -> None:
         host = f"{socket.gethostname()}-{os.getpid()}"
         guard = guard_for(self.settings)  # one lexicon (and its reloads) for every consumer
+        self._watching = asyncio.create_task(guard.watch(self.settings.guard.reload_interval_s))
         lane = cpu_lane()
         for n in range(self.settings.rag.consumers):
             worker = await build_worker(
@@ -116,6 +118,8 @@ class RagService:
 
     async def aclose(self) -> None:
         self._stop.set()
+        if self._watching is not None:
+            self._watching.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=30)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -105,14 +106,15 @@ class Reconciler:
 
 def guard_for(settings: Settings) -> LexiconStore:
     """The guard's lexicon store as `settings.guard` describe it, built as the chat UI builds its
-    own (jieba's cache in the state directory). Loads the lexicon: blocking, call it from a
-    thread. Raises LexiconError, OSError."""
+    own (jieba's cache in the state directory). It reloads only while its `watch` runs (the
+    long-running consumers start it), so `current()` never blocks the event loop. Loads the
+    lexicon: blocking, call it from a thread. Raises LexiconError, OSError."""
     jieba_dir = settings.state_dir / "jieba"
     jieba_dir.mkdir(parents=True, exist_ok=True)
     return LexiconStore(
         settings.guard.lexicon_dir or builtin_lexicon_dir(),
         segmenter=jieba_segmenter(cache_dir=jieba_dir),
-        check_interval_s=settings.guard.reload_interval_s,
+        check_interval_s=math.inf,
     )
 
 
@@ -217,6 +219,7 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
         socket_connect_timeout=3,
         socket_timeout=10,  # above the 1 s XREADGROUP block
     )
+    watching: asyncio.Task[None] | None = None
     try:
         embedder = await asyncio.to_thread(
             load_embedder,
@@ -225,6 +228,7 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
             cache_dir=settings.state_dir / "models",
         )
         guard = await asyncio.to_thread(guard_for, settings)  # one lexicon for all consumers
+        watching = asyncio.create_task(guard.watch(settings.guard.reload_interval_s))  # reloads
         host = f"{socket.gethostname()}-{os.getpid()}"
         lane = cpu_lane()
         workers = [
@@ -261,6 +265,8 @@ async def serve(settings: Settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> Non
         # Bounded: a task whose cancellation was swallowed still ends by itself, `stop` being set.
         await asyncio.wait([*tasks, *finishing], timeout=_CANCEL_WAIT_S)
     finally:
+        if watching is not None:
+            watching.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await redis.aclose()

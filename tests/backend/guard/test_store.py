@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import math
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,3 +91,33 @@ def test_fixed_edit_after_broken_one_loads(folder: Path, segmenter: Segmenter) -
 def test_first_load_raises(tmp_path: Path, segmenter: Segmenter) -> None:
     with pytest.raises(LexiconError):
         LexiconStore(tmp_path / "missing", segmenter=segmenter)
+
+
+def test_without_an_interval_current_never_reloads(folder: Path, segmenter: Segmenter) -> None:
+    store = LexiconStore(folder, segmenter=segmenter, check_interval_s=math.inf)
+    _write(folder / "words.tsv", "六合彩\t赌博\tblock\n", stamp=2)
+    assert _words(store, "六合彩") == []  # only `reload` / `watch` pick the edit up
+    assert store.reload() is True and _words(store, "六合彩") == ["六合彩"]
+
+
+async def test_watch_reloads_in_a_worker_thread(folder: Path, segmenter: Segmenter) -> None:
+    store = LexiconStore(folder, segmenter=segmenter, check_interval_s=math.inf)
+    loop_thread, reload_threads = threading.get_ident(), []
+    reload = store.reload
+
+    def recording_reload() -> bool:
+        reload_threads.append(threading.get_ident())
+        return reload()
+
+    store.reload = recording_reload  # type: ignore[method-assign]
+    _write(folder / "words.tsv", "六合彩\t赌博\tblock\n", stamp=2)
+    watching = asyncio.create_task(store.watch(0.01))
+    try:
+        async with asyncio.timeout(10):
+            while _words(store, "六合彩") != ["六合彩"]:
+                await asyncio.sleep(0.01)
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+    assert reload_threads and loop_thread not in reload_threads

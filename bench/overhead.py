@@ -1,6 +1,6 @@
 """Pipeline overhead benchmark: what our chat pipeline adds to a stream, against LiteLLM's proxy.
 
-    .venv/bin/python bench/overhead.py [--streams 1,32,128] [--rounds 20,8,5] [--tokens 64]
+    .venv/bin/python bench/overhead.py [--streams 1,32,128] [--rounds 20,24,5] [--tokens 64]
                                        [--pace-ms 20] [--slots 0] [--no-litellm]
 
 One scripted fake engine (backend/devtools/fake_engine.py, its own process) answers every request
@@ -528,7 +528,7 @@ def headline(results: dict[str, Any], levels: list[int], litellm: dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--streams", default="1,32,128", help="concurrency levels")
-    parser.add_argument("--rounds", default="20,8,5", help="rounds per level")
+    parser.add_argument("--rounds", default="20,24,5", help="rounds per level")
     parser.add_argument("--tokens", type=int, default=64, help="chunks per answer")
     parser.add_argument("--pace-ms", type=float, default=20.0, help="engine time between chunks")
     parser.add_argument(

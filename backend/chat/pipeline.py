@@ -283,7 +283,7 @@ class ChatPipeline:
         """
         waited_from = time.monotonic()
         # The entrance renewed a held lease or, when nobody waits, took a free slot; otherwise
-        # the line, which does the same on its first poll, so a newcomer never jumps it.
+        # the line at once (its polls take a slot in turn, so a newcomer never jumps it).
         seated = entry.seated
         if seated is None:
             try:
@@ -292,7 +292,7 @@ class ChatPipeline:
                 line = self._queue.line(
                     turn.thread_id, slots=self._slots, replicas=self._replicas,
                     priority=Priority.LONG if long else Priority.INTERACTIVE,
-                    budget_s=self._config.queue_wait_budget_s,
+                    budget_s=self._config.queue_wait_budget_s, seat_first=False,
                 )  # fmt: skip
                 async for item in line:
                     if isinstance(item, Position):

@@ -180,14 +180,17 @@ class WaitQueue:
         replicas: Callable[[], Sequence[str]],
         priority: int,
         budget_s: float,
+        seat_first: bool = True,
     ) -> AsyncGenerator[Position | Seated, None]:
         """`wait_for_slot` as a stream: each new Position while waiting, then the Lease with the
-        depth of the line (`Seated`). Raises what `wait_for_slot` raises; closing the stream
-        leaves the line."""
-        seated = await self.seat(session_id, slots=slots, replicas=replicas())
-        if seated is not None:  # the common case: one round trip, no waiter task
-            yield seated
-            return
+        depth of the line (`Seated`). `seat_first` False: the caller has just tried `seat` (in a
+        script of its own) and found no slot, so the request joins the line at once. Raises what
+        `wait_for_slot` raises; closing the stream leaves the line."""
+        if seat_first:
+            seated = await self.seat(session_id, slots=slots, replicas=replicas())
+            if seated is not None:  # the common case: one round trip, no waiter task
+                yield seated
+                return
         positions: asyncio.Queue[Position] = asyncio.Queue()
 
         async def report(position: Position) -> None:
@@ -196,7 +199,7 @@ class WaitQueue:
         waiter = asyncio.create_task(
             self.wait_for_slot(
                 session_id, slots=slots, replicas=replicas, priority=priority,
-                budget_s=budget_s, on_position=report,
+                budget_s=budget_s, on_position=report, seat_first=False,
             )
         )  # fmt: skip
         try:
@@ -223,6 +226,7 @@ class WaitQueue:
         priority: int,
         budget_s: float,
         on_position: Callable[[Position], Awaitable[None]] | None = None,
+        seat_first: bool = True,
     ) -> Lease:
         """Wait in line until `slots` grants the session a lease; the way in for every request.
 
@@ -232,6 +236,9 @@ class WaitQueue:
         slot if its rank is below the number of free slots on `replicas()` (called on every poll:
         the currently healthy replicas, in order of preference). (Calling `SlotTable.acquire` directly
         while others wait lets a newcomer take a slot the head of the line was due.)
+
+        `seat_first` False skips that first `seat`, for a caller that has just tried it and found
+        no slot (`line`, the chat entrance): the request joins the line at once.
 
         `on_position` is awaited whenever the request is still waiting and its Position differs
         from the one last reported (the first report comes on the first poll that finds no slot).
@@ -243,9 +250,10 @@ class WaitQueue:
         `budget_s` seconds (the event loop's monotonic clock) pass without a slot, and
         RedisUnavailable. Every exit, cancellation included, removes the entry from the line.
         """
-        seated = await self.seat(session_id, slots=slots, replicas=replicas())
-        if seated is not None:
-            return seated.lease
+        if seat_first:
+            seated = await self.seat(session_id, slots=slots, replicas=replicas())
+            if seated is not None:
+                return seated.lease
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
         priority = int(priority)  # an IntEnum would reach Redis as its name

@@ -4,6 +4,7 @@ computed and decide the exit code, and the chart is a PNG."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -26,6 +27,33 @@ PASSWORD = "locust-test-password-1"
 USERS = {f"load{i}": Role.USER for i in range(3)}
 
 
+@contextlib.contextmanager
+def running_ui(
+    database_url: str,
+    redis_url: str,
+    fake_engine_url: str,
+    state: Path,
+    *,
+    redis_db: int,
+    **extra: str,
+) -> Iterator[tuple[str, str]]:
+    """(URL, Redis URL) of a chat_ui on a fresh database and Redis db `redis_db`, `extra`
+    settings on top of the scripted engine's."""
+    name, db_url = stack.new_database(database_url, USERS, password=PASSWORD)
+    ui_redis = stack.redis_db(redis_url, redis_db)
+    settings = {
+        "QWEN_DATABASE__URL": db_url, "QWEN_REDIS__URL": ui_redis,
+        "QWEN_LLM__BASE_URL": fake_engine_url, "QWEN_SERVING__SENTIMENT": "false",
+        "QWEN_SERVING__WARMUP": "false", **extra,
+    }  # fmt: skip
+    ui = stack.start_chat_ui(settings, state)
+    try:
+        yield ui.url, ui_redis
+    finally:
+        ui.stop()
+        stack.drop_database(database_url, name)
+
+
 @pytest.fixture(scope="module")
 def chat_ui(
     database_url: str,
@@ -33,20 +61,12 @@ def chat_ui(
     fake_engine_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    name, db_url = stack.new_database(database_url, USERS, password=PASSWORD)
-    settings = {
-        "QWEN_DATABASE__URL": db_url, "QWEN_REDIS__URL": stack.redis_db(redis_url, 10),
-        "QWEN_LLM__BASE_URL": fake_engine_url, "QWEN_SERVING__SENTIMENT": "false",
-        "QWEN_SERVING__WARMUP": "false",
-        # three logins carry nine conversations: per-user limits that never refuse
-        "QWEN_RATELIMIT__MESSAGE_BURST": "100", "QWEN_RATELIMIT__MESSAGES_PER_MINUTE": "1000",
-    }  # fmt: skip
-    ui = stack.start_chat_ui(settings, tmp_path_factory.mktemp("locust-ui"))
-    try:
-        yield ui.url
-    finally:
-        ui.stop()
-        stack.drop_database(database_url, name)
+    # three logins carry nine conversations: per-user limits that never refuse
+    with running_ui(
+        database_url, redis_url, fake_engine_url, tmp_path_factory.mktemp("locust-ui"), redis_db=10,
+        QWEN_RATELIMIT__MESSAGE_BURST="100", QWEN_RATELIMIT__MESSAGES_PER_MINUTE="1000",
+    ) as (url, _):  # fmt: skip
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +77,11 @@ def one_slot_ui(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, str]]:
     """(chat_ui URL, its Redis URL) with one session slot: a second conversation waits in line."""
-    name, db_url = stack.new_database(database_url, USERS, password=PASSWORD)
-    ui_redis = stack.redis_db(redis_url, 11)
-    settings = {
-        "QWEN_DATABASE__URL": db_url, "QWEN_REDIS__URL": ui_redis,
-        "QWEN_LLM__BASE_URL": fake_engine_url, "QWEN_SERVING__SENTIMENT": "false",
-        "QWEN_SERVING__WARMUP": "false", "QWEN_SERVING__SLOTS_PER_REPLICA": "1",
-    }  # fmt: skip
-    ui = stack.start_chat_ui(settings, tmp_path_factory.mktemp("one-slot-ui"))
-    try:
-        yield ui.url, ui_redis
-    finally:
-        ui.stop()
-        stack.drop_database(database_url, name)
+    with running_ui(
+        database_url, redis_url, fake_engine_url, tmp_path_factory.mktemp("one-slot-ui"), redis_db=11,
+        QWEN_SERVING__SLOTS_PER_REPLICA="1",
+    ) as running:  # fmt: skip
+        yield running
 
 
 def run_locust(

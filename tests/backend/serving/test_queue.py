@@ -95,6 +95,18 @@ async def test_free_slot_granted_at_once(redis_client: aioredis.Redis) -> None:
     assert (lease.replica, lease.new, recorder.positions) == (A, True, [])
 
 
+async def test_without_seat_first_a_free_slot_is_taken_on_the_first_poll(
+    redis_client: aioredis.Redis,
+) -> None:
+    recorder = Recorder()
+    slots = SlotTable(redis_client, capacity=1, ttl_s=120)
+    lease = await line(redis_client).wait_for_slot(
+        "s1", slots=slots, replicas=lambda: [A], priority=0, budget_s=BUDGET_S,
+        on_position=recorder, seat_first=False,
+    )  # fmt: skip
+    assert (lease.replica, lease.new, recorder.positions) == (A, True, [])
+
+
 async def test_live_lease_skips_line(redis_client: aioredis.Redis, spawn: Spawn) -> None:
     queue, slots = line(redis_client), await full_table(redis_client)
     recorder = Recorder()
